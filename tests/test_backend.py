@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from wngkernels import _backend
+
+
+def test_import_does_not_import_torch_or_cupy():
+    code = "import sys, wngkernels; print('torch' in sys.modules, 'cupy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_mixed_libraries_raise_type_error_naming_arguments():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"different libraries.*x: numpy.*y: torch"):
+        _backend.namespace(np.zeros((2, 2)), torch.zeros(2, 2), names=("x", "y"))
+
+
+def test_non_array_raises_type_error():
+    with pytest.raises(TypeError, match="x must be an array"):
+        _backend.namespace([[1.0, 2.0]], names=("x",))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [(np.float32, np.float32), (np.float64, np.float64), (np.int32, np.float64), (np.bool_, np.float64)],
+)
+def test_result_float_dtype_numpy(dtype, expected):
+    xp = _backend.namespace(np.zeros(2, dtype=dtype))
+    assert _backend.result_float_dtype(xp, np.zeros(2, dtype=dtype)) == expected
+
+
+def test_result_float_dtype_torch_integers_promote_to_default_float():
+    torch = pytest.importorskip("torch")
+    xp = _backend.namespace(torch.zeros(2))
+    assert _backend.result_float_dtype(xp, torch.zeros(2, dtype=torch.int64)) == torch.get_default_dtype()
+    assert _backend.result_float_dtype(xp, torch.zeros(2, dtype=torch.float32)) == torch.float32
+
+
+def test_complex_refused():
+    xp = _backend.namespace(np.zeros(2))
+    with pytest.raises(TypeError, match="complex"):
+        _backend.result_float_dtype(xp, np.zeros(2, dtype=complex))
+
+
+@pytest.mark.parametrize(
+    ("value", "exc", "match"),
+    [(0.0, ValueError, "> 0"), (-1, ValueError, "> 0"), (float("nan"), ValueError, "finite"),
+     (float("inf"), ValueError, "finite"), ("a", TypeError, "real number"), (None, TypeError, "real number")],
+)
+def test_check_positive_scalar(value, exc, match):
+    with pytest.raises(exc, match=f"width.*{match}"):
+        _backend.check_positive_scalar(value, "width")
+
+
+def test_as_float_matrix_checks():
+    xp = _backend.namespace(np.zeros(2))
+    with pytest.raises(ValueError, match=r"x must be 2-D \(n, d\); got shape \(3,\)"):
+        _backend.as_float_matrix(xp, np.zeros(3), "x")
+    with pytest.raises(ValueError, match="x must be non-empty"):
+        _backend.as_float_matrix(xp, np.zeros((0, 2)), "x")
+    with pytest.raises(ValueError, match="x must be finite"):
+        _backend.as_float_matrix(xp, np.array([[0.0, np.nan]]), "x")
+    out = _backend.as_float_matrix(xp, np.ones((2, 2), dtype=np.int64), "x")
+    assert out.dtype == np.float64
