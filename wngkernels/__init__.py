@@ -6,14 +6,37 @@ PyTorch preconditioner lives in :mod:`wngkernels.torch`.
 """
 
 from .bandwidth import AuthorsRule, MedianHeuristic
+from .estimator import (
+    cc_gram,
+    cotangents,
+    damping_from_whitened,
+    k_gram,
+    kwng_direction,
+    metric_apply,
+    solve_whitened,
+    t_matrix,
+    whiten,
+)
 from .kernels import Gaussian, Kernel, RationalQuadratic
+from .nystrom import NystromBasis, nystrom_basis
 
 __all__ = [
     "AuthorsRule",
     "Gaussian",
     "Kernel",
     "MedianHeuristic",
+    "NystromBasis",
     "RationalQuadratic",
+    "cc_gram",
+    "cotangents",
+    "damping_from_whitened",
+    "k_gram",
+    "kwng_direction",
+    "metric_apply",
+    "nystrom_basis",
+    "solve_whitened",
+    "t_matrix",
+    "whiten",
 ]
 
 __version__ = "0.1.0"

@@ -44,7 +44,7 @@ def namespace(*arrays: Any, names: tuple[str, ...] | None = None):
         If an argument is not an array, or the arrays come from different libraries.
     """
     names = names or tuple(f"argument {i}" for i in range(len(arrays)))
-    present = [(n, a) for n, a in zip(names, arrays) if a is not None]
+    present = [(n, a) for n, a in zip(names, arrays, strict=False) if a is not None]
     for name, a in present:
         if not array_api_compat.is_array_api_obj(a):
             raise TypeError(
@@ -64,10 +64,10 @@ def namespace(*arrays: Any, names: tuple[str, ...] | None = None):
 def common_device(xp, *arrays: Any, names: tuple[str, ...] | None = None):
     """Return the device shared by ``arrays``; ``ValueError`` if they are on different ones."""
     names = names or tuple(f"argument {i}" for i in range(len(arrays)))
-    present = [(n, a) for n, a in zip(names, arrays) if a is not None]
+    present = [(n, a) for n, a in zip(names, arrays, strict=False) if a is not None]
     devices = [device(a) for _, a in present]
     if any(dv != devices[0] for dv in devices[1:]):
-        seen = ", ".join(f"{n}: {dv}" for (n, _), dv in zip(present, devices))
+        seen = ", ".join(f"{n}: {dv}" for (n, _), dv in zip(present, devices, strict=False))
         raise ValueError(f"arrays must be on one device ({seen})")
     return devices[0]
 

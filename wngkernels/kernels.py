@@ -15,7 +15,8 @@ Each kernel supplies :math:`(\varphi, \varphi', \varphi'')`; the shared base cla
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from . import _backend
 
 __all__ = ["Gaussian", "Kernel", "RationalQuadratic"]
 
-Bandwidth = Union[float, Callable[[Any, Any], float]]
+Bandwidth = float | Callable[[Any, Any], float]
 
 
 def _check_bandwidth(bandwidth: Bandwidth) -> Bandwidth:
@@ -68,7 +69,7 @@ def coordinate_onehot(xp, dims, n: int, d: int, like, name: str = "dims"):
         if host.ndim == 1 and host.size and not np.issubdtype(host.dtype, np.integer):
             raise TypeError(f"{name} must hold integers; got dtype {host.dtype}")
         lo, hi = (int(host.min()), int(host.max())) if host.ndim == 1 and host.size else (0, 0)
-        idx = None if host.ndim != 1 else host.astype(np.int64)
+        idx = None if host.ndim != 1 else host.astype(np.int64, copy=True)
     if len(shape) != 1 or shape[0] != n:
         raise ValueError(f"{name} must have shape ({n},); got {shape}")
     if n and (lo < 0 or hi >= d):
@@ -115,13 +116,13 @@ class Kernel:
         return {"bandwidth": self.bandwidth}
 
     # -- bandwidth ---------------------------------------------------------------------
-    def with_bandwidth(self, bandwidth: Bandwidth) -> "Kernel":
+    def with_bandwidth(self, bandwidth: Bandwidth) -> Kernel:
         """A copy of this kernel with another bandwidth (float or rule)."""
         params = self._params()
         params["bandwidth"] = bandwidth
         return type(self)(**params)
 
-    def resolve(self, y, x) -> "Kernel":
+    def resolve(self, y, x) -> Kernel:
         """A copy with a float bandwidth: the rule evaluated on ``y`` ``(M, d)`` and ``x`` ``(N, d)``.
 
         A kernel whose bandwidth is already a float is returned unchanged.
