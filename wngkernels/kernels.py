@@ -160,7 +160,7 @@ class Kernel:
         """
         xp, x, y = _prepare(x, y)
         u = x[:, None, :] - y[None, :, :]
-        phi, _, _ = self.radial(xp, xp.sum(u * u, axis=-1), self._ell(x, y))
+        phi, _, _ = self.radial(xp, xp.vecdot(u, u), self._ell(x, y))
         return phi
 
     def grad_x(self, x, y):
@@ -178,7 +178,7 @@ class Kernel:
         """
         xp, x, y = _prepare(x, y)
         u = x[:, None, :] - y[None, :, :]
-        _, dphi, _ = self.radial(xp, xp.sum(u * u, axis=-1), self._ell(x, y))
+        _, dphi, _ = self.radial(xp, xp.vecdot(u, u), self._ell(x, y))
         return 2 * dphi[..., None] * u
 
     def cross_hessian(self, x, y):
@@ -197,7 +197,7 @@ class Kernel:
         """
         xp, x, y = _prepare(x, y)
         u = x[:, None, :] - y[None, :, :]
-        _, dphi, d2phi = self.radial(xp, xp.sum(u * u, axis=-1), self._ell(x, y))
+        _, dphi, d2phi = self.radial(xp, xp.vecdot(u, u), self._ell(x, y))
         eye = xp.eye(x.shape[1], dtype=x.dtype, device=_backend.device(x))
         return (-2 * dphi)[..., None, None] * eye - (4 * d2phi)[..., None, None] * (
             u[..., :, None] * u[..., None, :]
@@ -231,9 +231,10 @@ class Kernel:
     def _rows(self, xp, x, onehot, y, ell: float):
         """:meth:`cross_hessian_rows` on validated inputs (``onehot`` is ``(M, d)``)."""
         u = x[:, None, :] - y[None, :, :]
-        _, dphi, d2phi = self.radial(xp, xp.sum(u * u, axis=-1), ell)
-        u_sel = xp.sum(u * onehot[:, None, :], axis=-1)  # u[m, n, i_m]
-        return (-2 * dphi)[..., None] * onehot[:, None, :] - (4 * d2phi * u_sel)[..., None] * u
+        _, dphi, d2phi = self.radial(xp, xp.vecdot(u, u), ell)
+        # u[m, n, i_m] = x[m, i_m] - y[n, i_m], without an (M, N, d) temporary
+        u_sel = xp.sum(x * onehot, axis=1)[:, None] - onehot @ y.T
+        return (-4 * d2phi * u_sel)[..., None] * u + (-2 * dphi)[..., None] * onehot[:, None, :]
 
     def cross_hessian_selected(self, x, dims_x, y, dims_y):
         r"""Entries of the cross Hessian selected by one coordinate per point on both sides.
@@ -259,9 +260,9 @@ class Kernel:
     def _selected(self, xp, x, ex, y, ey, ell: float):
         """:meth:`cross_hessian_selected` on validated inputs (one-hot ``ex``, ``ey``)."""
         u = x[:, None, :] - y[None, :, :]
-        _, dphi, d2phi = self.radial(xp, xp.sum(u * u, axis=-1), ell)
-        ua = xp.sum(u * ex[:, None, :], axis=-1)
-        ub = xp.sum(u * ey[None, :, :], axis=-1)
+        _, dphi, d2phi = self.radial(xp, xp.vecdot(u, u), ell)
+        ua = xp.sum(x * ex, axis=1)[:, None] - ex @ y.T  # u[m, p, i_m]
+        ub = x @ ey.T - xp.sum(y * ey, axis=1)[None, :]  # u[m, p, j_p]
         return -2 * dphi * (ex @ ey.T) - 4 * d2phi * ua * ub
 
 
