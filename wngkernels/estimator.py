@@ -186,7 +186,7 @@ def cc_gram(samples, *, kernel: Kernel, basis: NystromBasis, chunk_size: int | N
     basis : NystromBasis
     chunk_size : int, optional
         Samples per chunk; default: as many as keep a chunk's temporaries near
-        :data:`CHUNK_BYTES`.
+        :data:`~wngkernels.estimator.CHUNK_BYTES`.
 
     Returns
     -------

@@ -29,14 +29,14 @@ def _int_vector(a, name: str) -> np.ndarray:
 class NystromBasis:
     """A Nyström basis: ``M`` pairs ``(indices[m], dims[m])``.
 
+    Both arrays are stored as read-only NumPy ``int64`` arrays on the host.
+
     Parameters
     ----------
     indices : array_like of int, shape (M,)
         Sample index ``n_m`` of each basis point ``Y_m = X[n_m]``.
     dims : array_like of int, shape (M,)
         Coordinate ``i_m`` of each basis function ``∂_{i_m} k(Y_m, ·)``.
-
-    Both are stored as read-only NumPy ``int64`` arrays on the host.
     """
 
     indices: np.ndarray
