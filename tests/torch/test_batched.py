@@ -1,0 +1,100 @@
+"""``T`` and ``g`` from one batched backward, against a dense Jacobian contraction in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from wngkernels import AuthorsRule, Gaussian, nystrom_basis, t_matrix  # noqa: E402
+from wngkernels.torch import flatten_outputs, jacobian_vjp_rows, t_matrix_and_grad  # noqa: E402
+
+from .helpers import DEVICES, MODELS, dense_jacobian, make_model, rel_err, to_np  # noqa: E402
+
+
+def _loss(out):
+    outs = out if isinstance(out, tuple) else (out,)
+    return sum((o**2).mean() + o.sin().sum() for o in outs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", MODELS)
+def test_t_matches_dense_jacobian_contraction(name, device):
+    model, x = make_model(name, torch.float64, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(x)
+    samples, jac = dense_jacobian(model, x, params)
+    basis = nystrom_basis(tuple(samples.shape), 6, rng=1)
+    kernel = Gaussian(AuthorsRule()).resolve(samples[basis.indices.copy()], samples)
+    t, g = t_matrix_and_grad(out, _loss(out), params, kernel=kernel, basis=basis)
+    t_dense = t_matrix(samples, kernel=kernel, basis=basis, jacobian=jac)
+    assert t.dtype == torch.float64 and t.shape == t_dense.shape
+    assert rel_err(to_np(t), to_np(t_dense)) < 1e-12
+    assert float(t.abs().max()) > 0
+    g_ref = torch.autograd.grad(_loss(model(x)), params, allow_unused=True)
+    g_ref = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
+                       for gi, p in zip(g_ref, params, strict=True)])
+    np.testing.assert_allclose(to_np(g), to_np(g_ref), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_batched_rows_equal_the_loop_of_backward_passes(name):
+    model, x = make_model(name, torch.float64)
+    params = list(model.parameters())
+    out = model(x)
+    d = flatten_outputs(out).shape[1]
+    cot = torch.randn(5, x.shape[0], d, dtype=torch.float64)
+    fast = jacobian_vjp_rows(out, cot, params, mode="batched")
+    slow = jacobian_vjp_rows(out, cot, params, mode="loop")
+    np.testing.assert_allclose(to_np(fast), to_np(slow), rtol=1e-12, atol=1e-14)
+
+
+def test_float32_t_is_float32_and_close_to_float64():
+    model, x = make_model("batchnorm", torch.float64)
+    p64 = list(model.parameters())
+    out = model(x)
+    samples = flatten_outputs(out).detach()
+    basis = nystrom_basis(tuple(samples.shape), 6, rng=2)
+    kernel = Gaussian(AuthorsRule()).resolve(samples[basis.indices.copy()], samples)
+    t64, _ = t_matrix_and_grad(out, out.sum(), p64, kernel=kernel, basis=basis)
+    model32 = model.float()
+    out32 = model32(x.float())
+    t32, g32 = t_matrix_and_grad(out32, out32.sum(), list(model32.parameters()), kernel=kernel, basis=basis)
+    assert t32.dtype == torch.float32 and g32.dtype == torch.float32
+    assert rel_err(to_np(t32), to_np(t64)) < 1e-4
+
+
+def test_unused_parameter_gets_zero_columns_and_frozen_ones_can_be_left_out():
+    model, x = make_model("two_heads", torch.float64)
+    params = list(model.parameters())
+    out = model(x)
+    samples = flatten_outputs(out).detach()
+    basis = nystrom_basis(tuple(samples.shape), 4, rng=0)
+    t, _ = t_matrix_and_grad(out, _loss(out), params, kernel=Gaussian(1.0), basis=basis)
+    sizes = [p.numel() for p in params]
+    start = sum(sizes[:-2])  # model.unused's weight and bias come last
+    assert float(t[:, start:].abs().max()) == 0.0
+    assert float(t[:, :start].abs().max()) > 0.0
+
+
+def test_outputs_errors():
+    model, x = make_model("mlp", torch.float64)
+    params = list(model.parameters())
+    out = model(x)
+    with pytest.raises(ValueError, match="not attached to the autograd graph"):
+        flatten_outputs(out.detach())
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="not attached to the autograd graph"):
+            flatten_outputs(model(x))
+    with pytest.raises(ValueError, match=r"shape \(N, \.\.\.\)"):
+        flatten_outputs(out.sum())
+    with pytest.raises(ValueError, match="share the batch size"):
+        flatten_outputs((out, out[:3]))
+    with pytest.raises(TypeError, match="outputs must be a tensor"):
+        flatten_outputs(np.zeros((3, 2)))
+    basis = nystrom_basis((12, 3), 3, rng=0)
+    with pytest.raises(ValueError, match="loss must be a scalar"):
+        t_matrix_and_grad(out, out, params, kernel=Gaussian(1.0), basis=basis)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        jacobian_vjp_rows(out, torch.zeros(2, 12, 3, dtype=torch.float64), params, mode="fast")

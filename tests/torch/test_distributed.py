@@ -1,0 +1,96 @@
+"""Data parallel KWNG: 2 CPU processes (gloo) against one process on the union batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+from wngkernels import AuthorsRule, Gaussian, kwng_direction  # noqa: E402
+from wngkernels.torch import KWNG  # noqa: E402
+
+from .helpers import dense_jacobian, make_model, rel_err  # noqa: E402
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data():
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(2 * 10, 4, generator=gen, dtype=torch.float64), torch.randn(2 * 10, generator=gen,
+                                                                                   dtype=torch.float64)
+
+
+def _mse(out, y):
+    return ((out - y[:, None]) ** 2).mean()
+
+
+def _worker(rank, port, out_dir, accumulation):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model, _ = make_model("mlp", torch.float64)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        kwng = KWNG(ddp.parameters(), num_basis=6, eps=1e-3, clip_norm=None, generator=5, lr=0.1,
+                    accumulation_steps=accumulation)
+        x, y = _data()
+        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        for i, (xi, yi) in enumerate(zip(xs.chunk(accumulation), ys.chunk(accumulation), strict=True)):
+            last = i == accumulation - 1
+            ctx = ddp.no_sync() if not last else _null()
+            with ctx:
+                out = ddp(xi)
+                kwng.precondition(out, _mse(out, yi) / accumulation)
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        torch.save({"w": grads, "indices": torch.as_tensor(kwng.last_basis.indices.copy()),
+                    "dims": torch.as_tensor(kwng.last_basis.dims.copy()), "ell": kwng.last_kernel.bandwidth,
+                    "state": kwng.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_two_gloo_processes_equal_one_process_on_the_union_batch(tmp_path, accumulation):
+    import torch.multiprocessing as mp
+
+    from wngkernels import NystromBasis
+
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), accumulation), nprocs=WORLD, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert torch.equal(res[0]["w"], res[1]["w"])  # every rank writes the same direction
+    assert res[0]["state"]["rng"] == res[1]["state"]["rng"]
+    # one process, union batch; the basis is rank 0's: its first micro-batch, which opens the union batch
+    model, _ = make_model("mlp", torch.float64)
+    x, y = _data()
+    params = list(model.parameters())
+    samples, jac = dense_jacobian(model, x, params)
+    # the bandwidth rule saw the first micro-batch of each rank
+    first = torch.cat([r.chunk(accumulation)[0] for r in samples.chunk(WORLD)])
+    basis = NystromBasis(res[0]["indices"].numpy(), res[0]["dims"].numpy())
+    ell = Gaussian(AuthorsRule()).resolve(samples[basis.indices.copy()], first).bandwidth
+    assert abs(ell - res[0]["ell"]) < 1e-12 * ell
+    g = torch.cat([gi.reshape(-1) for gi in torch.autograd.grad(_mse(model(x), y), params)])
+    w = kwng_direction(g, samples, kernel=Gaussian(ell), basis=basis, eps=1e-3, damping="jacobian",
+                       jacobian=jac)
+    assert rel_err(res[0]["w"].numpy(), w.numpy()) < 1e-10
+    assert np.all(np.isfinite(res[0]["w"].numpy()))

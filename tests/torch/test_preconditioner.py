@@ -1,0 +1,454 @@
+"""``KWNG``: the direction against the core, safety policies, adaptive ε, checkpoints, errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import wngkernels.torch.preconditioner as pre  # noqa: E402
+from wngkernels import Gaussian, kwng_direction, solve_whitened  # noqa: E402
+from wngkernels.torch import KWNG  # noqa: E402
+
+from .helpers import DEVICES, MODELS, dense_jacobian, make_model, rel_err, to_np  # noqa: E402
+
+# one table of configurations; the tests below loop over it
+CONFIGS = [
+    dict(damping="jacobian", lam=0.0, refresh_every=1, adaptive_eps=True),
+    dict(damping="identity", lam=0.0, refresh_every=1, adaptive_eps=False),
+    dict(damping="jacobian", lam=1e-3, refresh_every=1, adaptive_eps=True),
+    dict(damping="jacobian", lam=0.0, refresh_every=3, adaptive_eps=True),
+]
+CONFIG_IDS = [f"{c['damping']}-lam{c['lam']}-refresh{c['refresh_every']}" for c in CONFIGS]
+
+
+def _loss(out, y):
+    outs = out if isinstance(out, tuple) else (out,)
+    return sum(((o.reshape(o.shape[0], -1) - y[:, None]) ** 2).mean() for o in outs)
+
+
+def _grads(params):
+    return torch.cat([p.grad.reshape(-1) for p in params])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("config", CONFIGS[:3], ids=CONFIG_IDS[:3])
+def test_direction_matches_core_with_same_basis_and_bandwidth(config, dtype, device):
+    model, x = make_model("mlp", dtype, device)
+    params = list(model.parameters())
+    y = torch.randn(x.shape[0], dtype=dtype, device=device)
+    kwng = KWNG(params, num_basis=7, eps=1e-3, clip_norm=None, generator=3, lr=0.1,
+                **{k: v for k, v in config.items() if k != "refresh_every"})
+    out = model(x)
+    assert kwng.precondition(out, _loss(out, y))
+    w = _grads(params)
+    g = torch.cat([gi.reshape(-1) for gi in torch.autograd.grad(_loss(model(x), y), params)])
+    # the core in the same dtype: float32 rounding in T is amplified by the solve's conditioning
+    samples, jac = dense_jacobian(model, x, params)
+    w_core = kwng_direction(g, samples, kernel=Gaussian(kwng.last_kernel.bandwidth), basis=kwng.last_basis,
+                            eps=1e-3, lam=config["lam"], damping=config["damping"], jacobian=jac)
+    assert w.dtype == dtype and w.device.type == device
+    assert rel_err(to_np(w), to_np(w_core)) < (1e-10 if dtype == torch.float64 else 2e-3)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_any_model_trains_and_matches_core(name):
+    model, x = make_model(name, torch.float64)
+    params = list(model.parameters())
+    y = torch.randn(x.shape[0], dtype=torch.float64)
+    kwng = KWNG(params, num_basis=6, eps=1e-2, clip_norm=None, generator=0, lr=0.1)
+    out = model(x)
+    kwng.precondition(out, _loss(out, y))
+    present = [p for p in params if p.grad is not None]
+    w = _grads(present)
+    g = torch.autograd.grad(_loss(model(x), y), present)
+    samples, jac = dense_jacobian(model, x, present)
+    w_core = kwng_direction(torch.cat([gi.reshape(-1) for gi in g]), samples,
+                            kernel=Gaussian(kwng.last_kernel.bandwidth), basis=kwng.last_basis, eps=1e-2,
+                            damping="jacobian", jacobian=jac)
+    assert rel_err(to_np(w), to_np(w_core)) < 1e-9
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_a_few_steps_lower_the_loss(config):
+    model, x = make_model("mlp", torch.float64, seed=1)
+    y = torch.randn(x.shape[0], dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    kwng = KWNG(model.parameters(), optimizer=opt, generator=0, **config)
+    first = None
+    for _ in range(15):
+        out = model(x)
+        loss = _loss(out, y)
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        kwng.precondition(out, loss)
+        opt.step()
+    assert float(_loss(model(x), y).detach()) < 0.8 * first
+    assert kwng.num_fallbacks == 0
+
+
+def test_frozen_and_gradless_parameters_are_untouched():
+    model, x = make_model("two_heads", torch.float64)
+    model.h1.bias.requires_grad_(False)
+    y = torch.randn(x.shape[0], dtype=torch.float64)
+    frozen, unused = model.h1.bias.detach().clone(), model.unused.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwng = KWNG(model.parameters(), optimizer=opt, generator=0)
+    for _ in range(3):
+        out = model(x)
+        opt.zero_grad()
+        assert kwng.precondition(out, _loss(out, y))
+        opt.step()
+    assert model.h1.bias.grad is None and model.unused.weight.grad is None
+    assert torch.equal(model.h1.bias, frozen) and torch.equal(model.unused.weight, unused)
+
+
+def test_zero_gradient_moves_nothing():
+    model, x = make_model("mlp", torch.float64)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwng = KWNG(model.parameters(), optimizer=opt, generator=0)
+    out = model(x)
+    opt.zero_grad()
+    kwng.precondition(out, 0.0 * out.sum())
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_direction_is_clipped_to_clip_norm():
+    model, x = make_model("mlp", torch.float64)
+    y = 10 * torch.randn(x.shape[0], dtype=torch.float64)
+    free = KWNG(model.parameters(), clip_norm=None, generator=5, eps=1e-4)
+    out = model(x)
+    free.precondition(out, _loss(out, y))
+    w = _grads(model.parameters()).clone()
+    assert float(w.norm()) > 0.5
+    for p in model.parameters():
+        p.grad = None
+    clipped = KWNG(model.parameters(), clip_norm=0.5, generator=5, eps=1e-4)
+    out = model(x)
+    clipped.precondition(out, _loss(out, y))
+    np.testing.assert_allclose(to_np(_grads(model.parameters())), to_np(w * 0.5 / w.norm()), rtol=1e-12)
+
+
+def test_falls_back_to_g_on_injected_nan_in_t(monkeypatch):
+    model, x = make_model("mlp", torch.float64)
+    y = torch.randn(x.shape[0], dtype=torch.float64)
+    real = pre.jacobian_vjp_rows
+    monkeypatch.setattr(pre, "jacobian_vjp_rows", lambda *a, **k: real(*a, **k) * math.nan)
+    kwng = KWNG(model.parameters(), clip_norm=None, generator=0)
+    out = model(x)
+    assert kwng.precondition(out, _loss(out, y))
+    g = torch.autograd.grad(_loss(model(x), y), list(model.parameters()))
+    g = torch.cat([gi.reshape(-1) for gi in g])
+    assert torch.equal(_grads(model.parameters()), g)
+    assert kwng.num_fallbacks == 1
+
+
+def test_falls_back_to_g_when_w_is_not_a_descent_direction(monkeypatch):
+    model, x = make_model("mlp", torch.float64)
+    y = torch.randn(x.shape[0], dtype=torch.float64)
+    monkeypatch.setattr(pre, "solve_whitened", lambda t, g, **k: -g)
+    kwng = KWNG(model.parameters(), clip_norm=None, generator=0)
+    out = model(x)
+    kwng.precondition(out, _loss(out, y))
+    g = torch.autograd.grad(_loss(model(x), y), list(model.parameters()))
+    g = torch.cat([gi.reshape(-1) for gi in g])
+    assert torch.equal(_grads(model.parameters()), g) and kwng.num_fallbacks == 1
+
+
+def test_non_finite_gradient_is_skipped_and_never_written():
+    model, x = make_model("mlp", torch.float64)
+    y = torch.randn(x.shape[0], dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    kwng = KWNG(model.parameters(), optimizer=opt, generator=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = kwng.state_dict()
+    out = model(x)
+    opt.zero_grad()
+    bad = _loss(out, y) + (math.inf * model[0].weight).sum()
+    assert not kwng.precondition(out, bad)
+    assert all(p.grad is None for p in model.parameters())
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    after = kwng.state_dict()
+    assert after.pop("num_skipped") == 1 and state.pop("num_skipped") == 0
+    assert after == state
+
+
+def _scripted_run(rs, lr=0.1, window=5, eps0=1e-3, factor=0.85):
+    """Run KWNG with losses whose reduction ratios are exactly ``rs``; return (observed, expected) ε."""
+    model, x = make_model("mlp", torch.float64)
+    y = torch.randn(x.shape[0], dtype=torch.float64)
+    kwng = KWNG(model.parameters(), eps=eps0, lr=lr, window=window, eps_factor=factor, generator=0)
+    value, expected, observed = 5.0, [], []
+    eps, r_window = eps0, []
+    for step in range(len(rs) + 1):
+        if step > 0:
+            gw = kwng.state_dict()["ratio"]["prev_gw"]
+            value = value - rs[step - 1] * lr * gw / 2  # so that 2ΔL / (lr ⟨g, w⟩) = rs[step-1]
+            r_window.append(rs[step - 1])
+            if len(r_window) == window:
+                eps = eps / factor if max(r_window) < 0.25 else eps * factor if max(r_window) > 0.75 else eps
+                r_window = []
+        for p in model.parameters():
+            p.grad = None
+        out = model(x)
+        real = _loss(out, y)
+        kwng.precondition(out, real + (value - real.detach()))
+        expected.append(eps)
+        observed.append(kwng.state_dict()["eps"])
+    return observed, expected
+
+
+def test_adaptive_eps_follows_the_reduction_ratio_rule():
+    rs = [1.0, 0.1, 0.2, 0.5, 0.3] + [0.1, 0.2, -1.0, 0.0, 0.24] + [0.5, 0.7, 0.3, 0.26, 0.74] + [0.9] * 5
+    observed, expected = _scripted_run(rs)
+    np.testing.assert_allclose(observed, expected, rtol=1e-12)
+    # down after window 1, up after window 2, unchanged after window 3, down after window 4
+    assert expected[5] < expected[0] and expected[10] > expected[5]
+    assert expected[15] == expected[10] and expected[20] < expected[15]
+
+
+def test_eps_stays_within_bounds():
+    model, x = make_model("mlp", torch.float64)
+    y = torch.randn(x.shape[0], dtype=torch.float64)
+    kwng = KWNG(model.parameters(), eps=1e-3, lr=0.1, window=1, eps_bounds=(1e-4, 2e-3), generator=0)
+    for step in range(12):  # the loss rises every step: r < 0, ε grows until the upper bound
+        for p in model.parameters():
+            p.grad = None
+        out = model(x)
+        real = _loss(out, y)
+        kwng.precondition(out, real + (float(step) - real.detach()))
+    assert kwng.current_eps() == 2e-3
+
+
+def _train(kwng, model, opt, batches, on_step=None):
+    for i, (x, y) in enumerate(batches):
+        out = model(x)
+        opt.zero_grad()
+        kwng.precondition(out, _loss(out, y))
+        opt.step()
+        if on_step:
+            on_step(i)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_resume_is_bit_identical(config):
+    torch.manual_seed(0)
+    batches = [(torch.randn(12, 4, dtype=torch.float64), torch.randn(12, dtype=torch.float64))
+               for _ in range(8)]
+    model, _ = make_model("mlp", torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+    kwng = KWNG(model.parameters(), optimizer=opt, generator=11, **config)
+    _train(kwng, model, opt, batches[:4])
+    sd = kwng.state_dict()
+    sd_copy = copy.deepcopy(sd)
+    model2 = copy.deepcopy(model)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.5)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # SGD would share the momentum buffers
+    kwng2 = KWNG(model2.parameters(), optimizer=opt2, generator=999, **config)
+    kwng2.load_state_dict(sd)
+    assert _equal_state(sd, sd_copy)  # load_state_dict does not mutate its argument
+    batches2 = batches[4:]
+
+    def check(i):
+        x, y = batches2[i]
+        out = model2(x)
+        opt2.zero_grad()
+        kwng2.precondition(out, _loss(out, y))
+        opt2.step()
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True))
+        assert _equal_state(kwng.state_dict(), kwng2.state_dict())
+
+    _train(kwng, model, opt, batches2, on_step=check)
+
+
+def _equal_state(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal_state(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+def test_checkpoint_survives_torch_save_weights_only():
+    model, x = make_model("mlp", torch.float64)
+    kwng = KWNG(model.parameters(), lr=0.1, generator=0, refresh_every=2, eps=lambda s: 1e-3 / (1 + s))
+    out = model(x)
+    kwng.precondition(out, out.square().mean())
+    buf = io.BytesIO()
+    torch.save(kwng.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert _equal_state(loaded, kwng.state_dict())
+    fresh = KWNG(model.parameters(), lr=0.1, refresh_every=2, eps=lambda s: 1e-3 / (1 + s))
+    fresh.load_state_dict(loaded)
+    assert _equal_state(fresh.state_dict(), kwng.state_dict())
+
+
+def test_refresh_every_reuses_t_and_computes_only_g(monkeypatch):
+    model, x = make_model("mlp", torch.float64)
+    y = torch.randn(x.shape[0], dtype=torch.float64)
+    calls = []
+    real = pre.jacobian_vjp_rows
+    monkeypatch.setattr(pre, "jacobian_vjp_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kwng = KWNG(model.parameters(), refresh_every=3, clip_norm=None, adaptive_eps=False, generator=0)
+    for step in range(7):
+        for p in model.parameters():
+            p.grad = None
+        cache = kwng.state_dict()["cache"]
+        out = model(x)
+        kwng.precondition(out, _loss(out, y))
+        assert len(calls) == step // 3 + 1
+        if step % 3:  # a reuse step: the direction from the cached T̃ and D and the new g
+            g = torch.autograd.grad(_loss(model(x), y), list(model.parameters()))
+            g = torch.cat([gi.reshape(-1) for gi in g])
+            w = solve_whitened(cache["t_white"], g, eps=1e-5, damping=cache["damping"])
+            np.testing.assert_allclose(to_np(_grads(model.parameters())), to_np(w), rtol=1e-12)
+
+
+def test_schedules_are_called_with_the_step_and_stored_as_values():
+    model, x = make_model("mlp", torch.float64)
+    seen = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    kwng = KWNG(model.parameters(), eps=lambda s: seen.append(s) or 1e-3 * 0.5**s,
+                clip_norm=lambda s: 1.0 + s,
+                lam=lambda s: 0.0, optimizer=opt, adaptive_eps=False, generator=0)
+    for _ in range(3):
+        out = model(x)
+        opt.zero_grad()
+        kwng.precondition(out, out.square().mean())
+    assert set(seen) == {0, 1, 2}
+    sd = kwng.state_dict()
+    assert sd["eps"] == 1e-3 * 0.5**3 and sd["hyperparameters"]["clip_norm"] == 4.0
+    assert sd["hyperparameters"]["lr"] == 0.3 and sd["ratio"]["prev_lr"] == 0.3
+
+    def walk(v):
+        assert not callable(v)
+        if isinstance(v, dict):
+            for u in v.values():
+                walk(u)
+
+    walk(sd)
+    bad = KWNG(model.parameters(), eps=lambda s: -1.0)
+    out = model(x)
+    with pytest.raises(ValueError, match=r"eps\(0\) must be a finite number > 0"):
+        bad.precondition(out, out.square().mean())
+
+
+def test_learning_rate_is_read_from_the_optimizer():
+    model, x = make_model("mlp", torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    kwng = KWNG(model.parameters(), optimizer=opt, generator=0)
+    for lr in (0.3, 0.01):
+        opt.param_groups[0]["lr"] = lr
+        out = model(x)
+        opt.zero_grad()
+        kwng.precondition(out, out.square().mean())
+        assert kwng.state_dict()["ratio"]["prev_lr"] == lr
+
+
+def test_split_form_equals_precondition():
+    model, x = make_model("batchnorm", torch.float64)
+    y = torch.randn(x.shape[0], dtype=torch.float64)
+    model2 = copy.deepcopy(model)
+    a, b = KWNG(model.parameters(), generator=4, lr=0.1), KWNG(model2.parameters(), generator=4, lr=0.1)
+    for _ in range(3):
+        for p in [*model.parameters(), *model2.parameters()]:
+            p.grad = None
+        out = model(x)
+        a.precondition(out, _loss(out, y))
+        out2 = model2(x)
+        loss2 = _loss(out2, y)
+        b.capture(out2, loss2)
+        loss2.backward()
+        assert b.step()
+        assert torch.equal(_grads(model.parameters()), _grads(model2.parameters()))
+
+
+def test_param_groups_and_shared_parameters():
+    model, x = make_model("shared", torch.float64)
+    groups = [{"params": [model.a.weight, model.a.bias], "lr": 0.1},
+              {"params": [model.b.bias, *model.head.parameters()], "lr": 0.01}]
+    opt = torch.optim.SGD(groups)
+    kwng = KWNG(opt.param_groups, optimizer=opt, generator=0)
+    out = model(x)
+    opt.zero_grad()
+    assert kwng.precondition(out, out.square().mean())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        (dict(num_basis=0), ValueError, "num_basis must be an int >= 1"),
+        (dict(eps=0.0), ValueError, "eps must be a finite number > 0"),
+        (dict(eps=-1e-3), ValueError, "eps must be a finite number > 0"),
+        (dict(lam=-1.0), ValueError, "lam must be a finite number >= 0"),
+        (dict(clip_norm=0.0), ValueError, "clip_norm must be a finite number > 0"),
+        (dict(damping="fisher"), ValueError, "damping must be 'jacobian' or 'identity'"),
+        (dict(refresh_every=0), ValueError, "refresh_every must be an int >= 1"),
+        (dict(accumulation_steps=0), ValueError, "accumulation_steps must be an int >= 1"),
+        (dict(eps_factor=1.5), ValueError, r"eps_factor must lie in \(0, 1\)"),
+        (dict(eps_bounds=(1.0, 0.1)), ValueError, "eps_bounds must be"),
+        (dict(window=0), ValueError, "window must be an int >= 1"),
+        (dict(kernel="gaussian"), TypeError, "kernel must be a wngkernels Kernel"),
+        (dict(grad_scaler=object()), ValueError, "grad_scaler needs optimizer="),
+        (dict(vjp_mode="fast"), ValueError, "vjp_mode must be"),
+        (dict(eps="small"), TypeError, "eps must be a float or a callable"),
+    ],
+)
+def test_construction_errors(kwargs, exc, match):
+    model, _ = make_model("mlp")
+    with pytest.raises(exc, match=match):
+        KWNG(model.parameters(), **kwargs)
+
+
+def test_params_errors():
+    model, _ = make_model("mlp")
+    w = model[0].weight
+    with pytest.raises(TypeError, match="bare Tensor"):
+        KWNG(w)
+    with pytest.raises(ValueError, match="params is empty"):
+        KWNG([])
+    with pytest.raises(ValueError, match="same parameter twice"):
+        KWNG([w, model[0].bias, w])
+    with pytest.raises(TypeError, match=r"params\[0\] must be a Tensor"):
+        KWNG([1.0])
+
+
+def test_call_errors():
+    model, x = make_model("mlp")
+    kwng = KWNG(model.parameters())
+    out = model(x)
+    with pytest.raises(ValueError, match="not attached to the autograd graph"):
+        kwng.precondition(out.detach(), out.sum())
+    with pytest.raises(ValueError, match="loss must be a scalar"):
+        kwng.precondition(out, out)
+    with pytest.raises(RuntimeError, match="needs capture"):
+        kwng.step()
+    big = KWNG(model.parameters(), num_basis=10_000)
+    with pytest.raises(ValueError, match="num_basis must be in"):
+        big.capture(model(x))
+    kwng.capture(model(x))
+    with pytest.raises(RuntimeError, match="without step"):
+        kwng.capture(model(x))
+
+
+def test_repr_and_deepcopy():
+    model, x = make_model("mlp")
+    kwng = KWNG(model.parameters(), eps=lambda s: 1e-3, generator=0, lr=0.1)
+    text = repr(kwng)
+    assert text.startswith("KWNG(") and "num_basis=5" in text and "q=" in text
+    out = model(x)
+    kwng.precondition(out, out.square().mean())
+    clone = copy.deepcopy(kwng)
+    assert _equal_state(clone.state_dict(), kwng.state_dict())
+    assert all(a is not b for a, b in zip(clone._params, kwng._params, strict=True))

@@ -1,0 +1,205 @@
+r"""The model's one entry into KWNG: ``T`` from vector–Jacobian products (DESIGN §2).
+
+Row ``m`` of :math:`T` is the VJP of :math:`\theta \mapsto (h_\theta(Z_n))_n` with the cotangent
+``A[m] = N⁻¹ ∂_{x_{i_m}} ∂_y k(Y_m, X_n)`` (:func:`wngkernels.cotangents`). All ``M`` rows come
+from **one** batched backward (``torch.autograd.grad(..., is_grads_batched=True)``, a ``vmap``
+over the backward graph), not ``M`` passes. Nothing here knows about layers: BatchNorm,
+attention, embeddings and shared parameters work because autograd does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["flatten_outputs", "jacobian_vjp_rows", "t_matrix_and_grad"]
+
+_MODES = ("auto", "batched", "loop")
+
+
+def _as_output_list(outputs) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, (list, tuple)) and outputs and all(isinstance(o, torch.Tensor) for o in outputs):
+        return list(outputs)
+    raise TypeError(
+        "outputs must be a tensor (N, ...) or a non-empty list/tuple of tensors (N, ...); "
+        f"got {type(outputs).__name__}"
+    )
+
+
+def flatten_outputs(outputs) -> torch.Tensor:
+    """The samples ``X`` ``(N, d)``: each output ``(N, ...)`` flattened per sample, then concatenated.
+
+    Parameters
+    ----------
+    outputs : Tensor or sequence of Tensor
+        Model outputs ``h_θ(Z)``, each of shape ``(N, ...)`` with the same ``N``, still attached
+        to the autograd graph. A 1-D output ``(N,)`` counts as ``(N, 1)``.
+
+    Returns
+    -------
+    Tensor, shape (N, d)
+        Still attached to the graph; ``d`` is the sum of the per-sample sizes.
+
+    Raises
+    ------
+    ValueError
+        A 0-d or empty output, outputs with different ``N``, or an output that does not
+        require grad (detached, or computed under ``torch.no_grad()``).
+    """
+    outs = _as_output_list(outputs)
+    n = None
+    flat = []
+    for i, o in enumerate(outs):
+        name = "outputs" if len(outs) == 1 else f"outputs[{i}]"
+        if o.ndim == 0 or o.shape[0] == 0 or o.numel() == 0:
+            raise ValueError(f"{name} must have shape (N, ...) with N >= 1 and d >= 1; got {tuple(o.shape)}")
+        if not o.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor; got dtype {o.dtype}")
+        if not o.requires_grad:
+            raise ValueError(
+                f"{name} is not attached to the autograd graph (requires_grad=False): pass the model's "
+                "outputs as returned by forward, not detached and not computed under torch.no_grad()"
+            )
+        if n is None:
+            n = o.shape[0]
+        elif o.shape[0] != n:
+            raise ValueError(
+                f"all outputs must share the batch size N = {n}; {name} has shape {tuple(o.shape)}"
+            )
+        flat.append(o.reshape(n, -1))
+    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+
+
+def _split_cotangents(outs: list[torch.Tensor], cot: torch.Tensor) -> list[torch.Tensor]:
+    """Cut cotangents ``(M, N, d)`` into one ``(M, *o.shape)`` piece per output, in its dtype."""
+    m = cot.shape[0]
+    sizes = [o[0].numel() for o in outs]
+    pieces = torch.split(cot, sizes, dim=2)
+    return [p.reshape(m, *o.shape).to(o.dtype) for p, o in zip(pieces, outs, strict=True)]
+
+
+def _rows_from_grads(grads, params, m: int, dtype) -> torch.Tensor:
+    cols = []
+    for g, p in zip(grads, params, strict=True):
+        if g is None:  # parameter not reached from the outputs: its column of T is zero
+            cols.append(torch.zeros(m, p.numel(), dtype=dtype, device=p.device))
+        else:
+            cols.append(g.reshape(m, -1).to(dtype))
+    return torch.cat(cols, dim=1)
+
+
+_warned_loop = False
+
+
+def jacobian_vjp_rows(outputs, cotangents: torch.Tensor, params: Sequence[torch.Tensor], *,
+                      mode: str = "auto", dtype: torch.dtype | None = None) -> torch.Tensor:
+    r"""``M`` vector–Jacobian products of the outputs w.r.t. ``params``, flattened: ``(M, q)``.
+
+    .. math:: R[m, :] = \sum_{n,i} A[m, n, i]\, \nabla_\theta X_{n,i}
+
+    The graph is retained, so the user's ``loss.backward()`` can follow.
+
+    Parameters
+    ----------
+    outputs : Tensor or sequence of Tensor
+        As in :func:`flatten_outputs`; ``X`` is their flattened ``(N, d)`` view.
+    cotangents : Tensor, shape (M, N, d)
+        ``A``; cast to each output's dtype for the backward.
+    params : sequence of Tensor
+        The ``θ`` blocks, flattened and concatenated in this order (``q = Σ numel``). A
+        parameter the outputs do not reach gets zero columns.
+    mode : {"auto", "batched", "loop"}
+        ``"batched"``: one ``vmap``-ed backward (``is_grads_batched=True``); ``"loop"``: ``M``
+        backward passes with ``retain_graph`` (the authors' way; the reference for tests);
+        ``"auto"``: batched, falling back to the loop (with one warning) where an operation
+        has no batching rule (e.g. some compiled graphs).
+    dtype : torch.dtype, optional
+        Dtype of the result; default the parameters' common dtype.
+
+    Returns
+    -------
+    Tensor, shape (M, q)
+    """
+    global _warned_loop
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}; got {mode!r}")
+    outs = _as_output_list(outputs)
+    params = list(params)
+    m = cotangents.shape[0]
+    if dtype is None:
+        dtype = torch.promote_types(params[0].dtype, params[0].dtype)
+        for p in params[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+    pieces = _split_cotangents(outs, cotangents)
+    if mode in ("auto", "batched"):
+        try:
+            grads = torch.autograd.grad(outs, params, grad_outputs=pieces, retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True)
+            return _rows_from_grads(grads, params, m, dtype)
+        except RuntimeError as exc:
+            if mode == "batched":
+                raise
+            if not _warned_loop:
+                _warned_loop = True
+                warnings.warn(
+                    "wngkernels: the batched backward (is_grads_batched) failed on this graph "
+                    f"({str(exc).splitlines()[0][:200]}); computing T with M separate backward passes",
+                    UserWarning, stacklevel=2,
+                )
+    rows = []
+    for k in range(m):
+        grads = torch.autograd.grad(outs, params, grad_outputs=[p[k] for p in pieces], retain_graph=True,
+                                    allow_unused=True)
+        rows.append(_rows_from_grads(grads, params, 1, dtype))
+    return torch.cat(rows, dim=0)
+
+
+def t_matrix_and_grad(outputs, loss: torch.Tensor, params: Sequence[torch.Tensor], *, kernel, basis,
+                      mode: str = "auto"):
+    r"""``T`` ``(M, q)`` and ``g = ∇_θ L`` ``(q,)`` for one batch, without touching ``.grad``.
+
+    ``T`` comes from one batched backward with the cotangents of :func:`wngkernels.cotangents`
+    on ``X`` = the detached, flattened outputs; ``g`` from ``torch.autograd.grad(loss, params)``
+    (so terms of the loss that do not flow through the outputs, such as weight decay, count).
+    Both are in float32 or better.
+
+    Parameters
+    ----------
+    outputs : Tensor or sequence of Tensor
+        ``h_θ(Z)``, shape ``(N, ...)``, attached to the graph.
+    loss : Tensor
+        A scalar computed from the same graph.
+    params : sequence of Tensor
+    kernel : wngkernels.Kernel
+        A bandwidth rule is evaluated on (basis points, ``X``).
+    basis : wngkernels.NystromBasis
+    mode : {"auto", "batched", "loop"}
+        See :func:`jacobian_vjp_rows`.
+
+    Returns
+    -------
+    t : Tensor, shape (M, q)
+    g : Tensor, shape (q,)
+    """
+    from ..estimator import cotangents as _cotangents
+
+    x = flatten_outputs(outputs)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(f"loss must be a scalar tensor; got {getattr(loss, 'shape', type(loss).__name__)}")
+    params = list(params)
+    dtype = _work_dtype(x, params)
+    cot = _cotangents(x.detach().to(dtype), kernel=kernel, basis=basis)
+    t = jacobian_vjp_rows(outputs, cot, params, mode=mode, dtype=dtype)
+    grads = torch.autograd.grad(loss.reshape(()), params, retain_graph=True, allow_unused=True)
+    g = _rows_from_grads(grads, params, 1, dtype)[0]
+    return t, g
+
+
+def _work_dtype(x: torch.Tensor, params) -> torch.dtype:
+    """float64 if the outputs or any parameter is float64, else float32 (never half precision)."""
+    wide = x.dtype == torch.float64 or any(p.dtype == torch.float64 for p in params)
+    return torch.float64 if wide else torch.float32

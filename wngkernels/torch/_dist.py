@@ -1,0 +1,60 @@
+"""``torch.distributed`` helpers: world size 1 whenever no process group is initialised.
+
+Data parallel KWNG (issue 4, STYLE "The PyTorch edge"): DDP all-reduces only what autograd
+accumulates into ``.grad``; ``T`` and ``C Cᵀ`` come from ``autograd.grad`` and are reduced here,
+explicitly, and the basis is broadcast from rank 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Comm"]
+
+
+class Comm:
+    """The process group KWNG talks to, or a stand-in for a single process.
+
+    Parameters
+    ----------
+    enabled : bool or None
+        ``None``: distributed when ``torch.distributed`` is available and initialised;
+        ``False``: always a single process.
+    group : ProcessGroup, optional
+        Default: the world.
+    """
+
+    def __init__(self, enabled: bool | None = None, group=None):
+        active = dist.is_available() and dist.is_initialized()
+        if enabled and not active:
+            raise ValueError("distributed=True needs an initialised torch.distributed process group")
+        self.active = bool(active if enabled is None else enabled and active)
+        self.group = group
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group) if self.active else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group) if self.active else 0
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Overwrite ``tensor`` with rank 0's (the group's first rank's) copy, in place."""
+        if self.active and self.world_size > 1:
+            src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+            dist.broadcast(tensor, src=src, group=self.group)
+        return tensor
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce ``tensor`` by sum, in place."""
+        if self.active and self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def sum_all(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sum-reduce several tensors of one dtype and device in one collective; new tensors."""
+        sizes = [t.numel() for t in tensors]
+        flat = self.sum_(torch.cat([t.reshape(-1) for t in tensors]))
+        return [p.reshape(t.shape) for p, t in zip(torch.split(flat, sizes), tensors, strict=True)]

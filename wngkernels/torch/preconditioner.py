@@ -1,0 +1,650 @@
+r"""``KWNG``: the kernelized Wasserstein natural gradient as a PyTorch preconditioner.
+
+A preconditioner, not an optimizer (STYLE, "The PyTorch edge"): it rewrites each parameter's
+``.grad`` with the KWNG direction :math:`w = (\hat G + \varepsilon D^{-1})^{-1} g` and any
+``torch.optim`` optimizer steps as usual. Per step (DESIGN §6):
+
+1. ``capture(outputs)``: draw ``M`` basis pairs from the batch with the preconditioner's own
+   NumPy generator, resolve the bandwidth rule, form the cotangents and accumulate
+   :math:`\sum_n H_nH_n^\top` (for :math:`CC^\top`) and :math:`T` from one batched backward;
+2. the user's ``loss.backward()`` fills ``.grad`` with ``g`` (so DDP, AMP and accumulation keep
+   working as they do without KWNG);
+3. ``step()``: :func:`~wngkernels.whiten` (ridgeless when ``lam = 0``),
+   :func:`~wngkernels.damping_from_whitened` (``D = diag(Ĝ)^{-1/2}``),
+   :func:`~wngkernels.solve_whitened`; fall back to ``g`` where ``⟨g, w⟩ ≤ 0`` or anything is
+   non-finite; clip to ``clip_norm``; write ``.grad``; adapt ``ε``.
+
+``precondition(outputs, loss)`` is the three steps in one call.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..bandwidth import AuthorsRule
+from ..estimator import damping_from_whitened, solve_whitened, whiten
+from ..kernels import Gaussian, Kernel
+from ..nystrom import NystromBasis, nystrom_basis
+from ._batched import _work_dtype, flatten_outputs, jacobian_vjp_rows
+from ._dist import Comm
+
+__all__ = ["KWNG"]
+
+Schedule = float | Callable[[int], float]
+
+
+def _collect_params(params) -> list[torch.Tensor]:
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            "params must be an iterable of tensors or of dicts with a 'params' key (as for torch.optim); "
+            "got a bare Tensor: pass model.parameters() or [tensor]"
+        )
+    try:
+        items = list(params)
+    except TypeError:
+        got = type(params).__name__
+        raise TypeError(f"params must be an iterable of tensors or dicts; got {got}") from None
+    flat: list[torch.Tensor] = []
+    for item in items:
+        if isinstance(item, dict):
+            if "params" not in item:
+                raise ValueError("a parameter group (dict) must have a 'params' key")
+            ps = item["params"]
+            flat.extend([ps] if isinstance(ps, torch.Tensor) else list(ps))
+        else:
+            flat.append(item)
+    if not flat:
+        raise ValueError("params is empty: KWNG needs at least one parameter")
+    seen = set()
+    for i, p in enumerate(flat):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{i}] must be a Tensor; got {type(p).__name__}")
+        if not p.is_leaf:
+            raise ValueError(f"params[{i}] is not a leaf tensor; pass the model's parameters")
+        if id(p) in seen:
+            raise ValueError(f"params contains the same parameter twice (again at position {i})")
+        seen.add(id(p))
+    return flat
+
+
+def _check_schedule(value, name: str, *, positive: bool, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if callable(value):
+        return value
+    _check_value(value, name, positive=positive)
+    return float(value)
+
+
+def _check_value(value, name: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a callable of the step; got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}; got {value!r}")
+    return v
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    return int(value)
+
+
+@dataclass
+class _Pending:
+    """What ``capture`` gathered since the last ``step``: local, unnormalised sums."""
+
+    rng_state: dict
+    refresh: bool
+    active: tuple[int, ...]
+    count: int = 0
+    n: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    bad: bool = False  # T or C Cᵀ could not be formed (non-finite outputs, degenerate bandwidth)
+    points: torch.Tensor | None = None  # (M, d)
+    dims: torch.Tensor | None = None  # (M,)
+    kernel: Kernel | None = None  # bandwidth resolved
+    cc: torch.Tensor | None = None  # Σ_n H_n H_nᵀ (M, M)
+    t: torch.Tensor | None = None  # Σ_n Σ_i H_n[:, i] ∇θ X_{n,i}  (M, q)
+
+
+@dataclass
+class _Ratio:
+    """The reduction-ratio rule's memory (DESIGN §6)."""
+
+    prev_loss: float | None = None
+    prev_gw: float | None = None
+    prev_lr: float | None = None
+    r_max: float = -math.inf
+    count: int = 0
+
+
+class KWNG:
+    r"""Kernelized Wasserstein natural gradient preconditioner for any ``torch.optim`` optimizer.
+
+    Rewrites ``p.grad`` with the KWNG direction :math:`w = (\hat G + \varepsilon D^{-1})^{-1} g`
+    (DESIGN §2, §6), where :math:`\hat G = T^\top (CC^\top + \lambda K)^\dagger T` is estimated
+    from the model's outputs on the batch. Hook-free: any differentiable model works.
+
+    Parameters
+    ----------
+    params : iterable of Tensor or of dict
+        As for ``torch.optim`` (``model.parameters()`` or parameter groups; only the groups'
+        ``"params"`` are read: the direction is one joint solve over all of them). Parameters
+        with ``requires_grad=False`` and those whose ``.grad`` stays ``None`` are left alone.
+    num_basis : int
+        ``M``, Nyström basis pairs drawn afresh at each refresh (paper: 5).
+    eps : float or callable
+        Damping :math:`\varepsilon > 0`, or a schedule ``eps(step)``. With ``adaptive_eps`` it is
+        multiplied by the adapted factor.
+    lam : float or callable
+        RKHS regularisation :math:`\lambda \ge 0`; ``0`` is the ridgeless, whitened form.
+    damping : {"jacobian", "identity"}
+        ``D = diag(Ĝ)^{-1/2}`` (the authors' choice) or ``I``.
+    kernel : wngkernels.Kernel, optional
+        Default ``Gaussian(AuthorsRule())``. A bandwidth rule is evaluated at each refresh on
+        (basis points, outputs).
+    adaptive_eps : bool
+        The reduction-ratio rule: :math:`r = 2(L_{prev} - L_{now})/(lr\,\langle g_{prev},
+        w_{prev}\rangle)`; at the end of each ``window`` of ratios, ``ε ← ε/eps_factor`` if
+        ``max r < 0.25`` and ``ε ← eps_factor·ε`` if ``max r > 0.75``. Needs the loss
+        (``precondition``, or ``capture(outputs, loss)``) and the learning rate.
+    eps_bounds : (float, float)
+        ``ε`` stays in ``[low, high]``.
+    eps_factor : float
+        In ``(0, 1)``.
+    window : int
+        Ratios per adaptation.
+    clip_norm : float, callable or None
+        ``w`` is scaled down to this Euclidean norm if longer (``None``: no clipping).
+    refresh_every : int
+        Recompute ``T̃`` and ``D`` every ``k`` steps and reuse them in between, computing only
+        ``g`` (no basis draw, no batched backward) on the other steps.
+    generator : int, numpy.random.Generator or None
+        Seed or NumPy generator for the basis (host-side: the same draws on every device).
+    lr : float, callable or None
+        Learning rate for the reduction ratio; default: read from ``optimizer.param_groups[0]``.
+    optimizer : torch.optim.Optimizer, optional
+        Source of the learning rate, and the optimizer ``grad_scaler.unscale_`` is called for.
+    grad_scaler : torch.amp.GradScaler, optional
+        Mixed precision: ``step`` unscales the gradients (``grad_scaler.unscale_(optimizer)``)
+        before reading them; a step with non-finite gradients, which the scaler will skip,
+        leaves ``.grad`` and every piece of KWNG state untouched (``num_skipped`` counts it).
+    accumulation_steps : int
+        ``k`` micro-batches per step: ``capture`` ``k`` times (with a ``backward`` after each),
+        then ``step`` writes the direction of the concatenated batch. The basis and bandwidth
+        come from the first micro-batch.
+    vjp_mode : {"auto", "batched", "loop"}
+        How ``T`` is computed (:func:`~wngkernels.torch.jacobian_vjp_rows`).
+    distributed : bool or None
+        ``None``: use ``torch.distributed`` when it is initialised; ``False``: never.
+    process_group : ProcessGroup, optional
+
+    Attributes
+    ----------
+    num_fallbacks : int
+        Steps where ``g`` replaced ``w`` (``⟨g, w⟩ ≤ 0``, or ``T``/``w`` non-finite).
+    num_skipped : int
+        Steps with non-finite ``g``: no direction written.
+    last_basis : NystromBasis or None
+        The last basis drawn (indices into rank 0's first micro-batch).
+    last_kernel : Kernel or None
+        The kernel with the bandwidth used at the last refresh.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from wngkernels.torch import KWNG
+    >>> model = torch.nn.Linear(4, 3)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> kwng = KWNG(model.parameters(), optimizer=opt, generator=0)
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> out = model(x)
+    >>> loss = torch.nn.functional.cross_entropy(out, y)
+    >>> opt.zero_grad(); kwng.precondition(out, loss); opt.step()
+    True
+    """
+
+    def __init__(self, params: Iterable, num_basis: int = 5, eps: Schedule = 1e-5, lam: Schedule = 0.0,
+                 damping: str = "jacobian", kernel: Kernel | None = None, adaptive_eps: bool = True,
+                 eps_bounds: tuple[float, float] = (1e-10, 1e5), eps_factor: float = 0.85, window: int = 5,
+                 clip_norm: Schedule | None = 1.0, refresh_every: int = 1, generator=None,
+                 lr: Schedule | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 grad_scaler=None, accumulation_steps: int = 1, vjp_mode: str = "auto",
+                 distributed: bool | None = None, process_group=None):
+        self._params = _collect_params(params)
+        self.num_basis = _positive_int(num_basis, "num_basis")
+        self.eps = _check_schedule(eps, "eps", positive=True)
+        self.lam = _check_schedule(lam, "lam", positive=False)
+        if damping not in ("jacobian", "identity"):
+            raise ValueError(f"damping must be 'jacobian' or 'identity'; got {damping!r}")
+        self.damping = damping
+        if kernel is None:
+            kernel = Gaussian(AuthorsRule())
+        if not isinstance(kernel, Kernel):
+            raise TypeError(f"kernel must be a wngkernels Kernel; got {type(kernel).__name__}")
+        self.kernel = kernel
+        self.adaptive_eps = bool(adaptive_eps)
+        lo, hi = (float(b) for b in eps_bounds)
+        if not (0 < lo <= hi < math.inf):
+            raise ValueError(f"eps_bounds must be (low, high) with 0 < low <= high < inf; got {eps_bounds!r}")
+        self.eps_bounds = (lo, hi)
+        if not 0 < float(eps_factor) < 1:
+            raise ValueError(f"eps_factor must lie in (0, 1); got {eps_factor!r}")
+        self.eps_factor = float(eps_factor)
+        self.window = _positive_int(window, "window")
+        self.clip_norm = _check_schedule(clip_norm, "clip_norm", positive=True, allow_none=True)
+        self.refresh_every = _positive_int(refresh_every, "refresh_every")
+        self.accumulation_steps = _positive_int(accumulation_steps, "accumulation_steps")
+        self.lr = _check_schedule(lr, "lr", positive=False, allow_none=True)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        if grad_scaler is not None and optimizer is None:
+            raise ValueError("grad_scaler needs optimizer=: KWNG calls grad_scaler.unscale_(optimizer)")
+        self.grad_scaler = grad_scaler
+        if vjp_mode not in ("auto", "batched", "loop"):
+            raise ValueError(f"vjp_mode must be 'auto', 'batched' or 'loop'; got {vjp_mode!r}")
+        self.vjp_mode = vjp_mode
+        self._comm = Comm(distributed, process_group)
+        if isinstance(generator, np.random.Generator):
+            self._rng = generator
+        else:
+            self._rng = np.random.default_rng(generator)
+        self._step = 0
+        self._eps_scale = 1.0
+        self._ratio = _Ratio()
+        self._cache = None  # dict(t_white, damping, active, step)
+        self._pending: _Pending | None = None
+        self.num_fallbacks = 0
+        self.num_skipped = 0
+        self.last_basis: NystromBasis | None = None
+        self.last_kernel: Kernel | None = None
+        self._warned_lr = False
+
+    # -- hyperparameters --------------------------------------------------------------------
+
+    @property
+    def step_count(self) -> int:
+        """Directions written so far (skipped steps not counted)."""
+        return self._step
+
+    def _value(self, h, name: str, positive: bool):
+        if h is None:
+            return None
+        return _check_value(h(self._step), f"{name}({self._step})", positive=positive) if callable(h) else h
+
+    def current_eps(self) -> float:
+        """``ε`` for the next step: the schedule's value times the adapted factor, within bounds."""
+        base = self._value(self.eps, "eps", True)
+        return min(max(base * self._eps_scale, self.eps_bounds[0]), self.eps_bounds[1])
+
+    def _current_lr(self) -> float | None:
+        if self.lr is not None:
+            return self._value(self.lr, "lr", False)
+        if self.optimizer is not None:
+            return float(self.optimizer.param_groups[0]["lr"])
+        return None
+
+    # -- capture: basis, bandwidth, C Cᵀ and T ----------------------------------------------
+
+    def _active(self) -> tuple[int, ...]:
+        return tuple(i for i, p in enumerate(self._params) if p.requires_grad)
+
+    def _needs_refresh(self, active) -> bool:
+        c = self._cache
+        return c is None or c["active"] != active or self._step - c["step"] >= self.refresh_every
+
+    def capture(self, outputs, loss: torch.Tensor | None = None) -> None:
+        """Record a batch's outputs (and loss) before the user's ``backward``.
+
+        Parameters
+        ----------
+        outputs : Tensor or sequence of Tensor
+            ``h_θ(Z)``, each ``(N, ...)``, attached to the graph (flattened to ``(N, d)``).
+        loss : Tensor, optional
+            The scalar whose ``backward`` fills ``.grad`` (for the adaptive ``ε``). With
+            accumulation, pass the loss you call ``backward`` on (usually divided by ``k``).
+        """
+        x = flatten_outputs(outputs)
+        if loss is not None:
+            _check_loss(loss)
+        pend = self._pending
+        if pend is not None and pend.count >= self.accumulation_steps:
+            raise RuntimeError(
+                f"capture was called {pend.count + 1} times without step() "
+                f"(accumulation_steps={self.accumulation_steps})"
+            )
+        active = self._active()
+        if not active:
+            raise ValueError("no parameter requires grad: nothing to precondition")
+        params = [self._params[i] for i in active]
+        dtype = _work_dtype(x, params)
+        xd = x.detach().to(dtype)
+        if pend is None:
+            pend = _Pending(rng_state=copy.deepcopy(self._rng.bit_generator.state),
+                            refresh=self._needs_refresh(active), active=active)
+            if pend.refresh:
+                self._draw(pend, xd, sum(p.numel() for p in params))
+            self._pending = pend
+        elif pend.active != active:
+            raise RuntimeError("the set of parameters requiring grad changed between micro-batches")
+        pend.count += 1
+        pend.n += x.shape[0]
+        if loss is not None:
+            pend.loss_sum += float(loss.detach())
+            pend.loss_count += 1
+        if pend.refresh and not pend.bad:
+            if xd.shape[1] != pend.points.shape[1]:
+                raise ValueError(
+                    f"outputs must have d = {pend.points.shape[1]} features per sample in every "
+                    f"micro-batch; got {xd.shape[1]}"
+                )
+            if not bool(torch.isfinite(xd).all()):
+                pend.bad = True
+                return
+            rows = pend.kernel.cross_hessian_rows(pend.points, pend.dims, xd)  # (M, n, d)
+            flat = rows.reshape(rows.shape[0], -1)
+            pend.cc += flat @ flat.T
+            scale = self._loss_scale()
+            n = x.shape[0]
+            t = jacobian_vjp_rows(outputs, rows * (scale / n), params, mode=self.vjp_mode, dtype=dtype)
+            pend.t += t * (n / scale)
+
+    def _loss_scale(self) -> float:
+        s = self.grad_scaler
+        return float(s.get_scale()) if s is not None and s.is_enabled() else 1.0
+
+    def _draw(self, pend: _Pending, xd: torch.Tensor, q: int) -> None:
+        """Basis points and dims (rank 0's, broadcast) and the resolved kernel."""
+        comm = self._comm
+        n, d = xd.shape
+        basis = nystrom_basis((n, d), self.num_basis, rng=self._rng)
+        dev = xd.device
+        idx = torch.as_tensor(basis.indices.copy(), device=dev)
+        points = xd.index_select(0, idx)
+        dims = torch.as_tensor(basis.dims.copy(), device=dev)
+        finite = torch.isfinite(xd).all().to(xd.dtype).reshape(1)
+        if comm.active:
+            comm.broadcast_(points)
+            comm.broadcast_(dims)
+            finite = comm.sum_(finite) / comm.world_size
+        m = self.num_basis
+        pend.cc = torch.zeros(m, m, dtype=xd.dtype, device=dev)
+        pend.t = torch.zeros(m, q, dtype=xd.dtype, device=dev)
+        pend.points, pend.dims = points, dims
+        self.last_basis = basis
+        if float(finite) < 1.0:
+            pend.bad = True
+            return
+        try:
+            pend.kernel = self._resolve(points, xd)
+        except ValueError:  # e.g. all outputs equal: the bandwidth rule gives 0
+            pend.bad = True
+            return
+        self.last_kernel = pend.kernel
+
+    def _resolve(self, points: torch.Tensor, xd: torch.Tensor) -> Kernel:
+        kernel, comm = self.kernel, self._comm
+        rule = kernel.bandwidth
+        if not callable(rule):
+            return kernel
+        if not comm.active or comm.world_size == 1:
+            return kernel.resolve(points, xd)
+        if isinstance(rule, AuthorsRule):
+            # the rule on the union batch: global mean, then the mean squared deviation
+            stats = comm.sum_(torch.cat([xd.sum(0), xd.new_tensor([xd.shape[0]])]))
+            center = stats[:-1] / stats[-1]
+            dev = comm.sum_(((xd - center) ** 2).sum().reshape(1))
+            mean_sq = ((points - center) ** 2).sum(1).mean() + dev[0] / stats[-1]
+            ell = math.sqrt(10.0 ** float(rule.log_bandwidth) * float(mean_sq))
+            if not math.isfinite(ell) or ell <= 0:
+                raise ValueError("AuthorsRule gave a degenerate bandwidth")
+            return kernel.with_bandwidth(ell)
+        # another rule: rank 0 evaluates it on its own batch
+        ell = xd.new_tensor([kernel.resolve(points, xd).bandwidth if comm.rank == 0 else 0.0])
+        return kernel.with_bandwidth(float(comm.broadcast_(ell)[0]))
+
+    # -- step: reduce, solve, safety, write ---------------------------------------------------
+
+    def step(self) -> bool:
+        """Rewrite ``.grad`` with the KWNG direction, after the user's ``backward``.
+
+        Returns
+        -------
+        bool
+            ``True`` if a direction was written; ``False`` while micro-batches are still being
+            accumulated, or when the step was skipped (non-finite ``g``).
+        """
+        pend = self._pending
+        if pend is None:
+            raise RuntimeError("step() needs capture(outputs) first (or use precondition(outputs, loss))")
+        if pend.count < self.accumulation_steps:
+            return False
+        self._pending = None
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            try:
+                self.grad_scaler.unscale_(self.optimizer)
+            except RuntimeError as exc:
+                if "already been called" not in str(exc):
+                    raise
+        params = [self._params[i] for i in pend.active]
+        present = [j for j, p in enumerate(params) if p.grad is not None]
+        dtype = pend.cc.dtype if pend.cc is not None else _work_dtype(params[0], params)
+        dev = params[0].device
+        if present:
+            g = torch.cat([params[j].grad.reshape(-1).to(dtype) for j in present])
+        else:
+            g = torch.zeros(0, dtype=dtype, device=dev)
+        stats = torch.tensor([pend.n, pend.loss_sum, pend.loss_count, float(pend.bad), 0.0],
+                             dtype=torch.float64, device=dev)
+        stats[4] = (~torch.isfinite(g)).any().to(torch.float64)
+        cc, t = pend.cc, pend.t
+        comm = self._comm
+        if comm.active and comm.world_size > 1:
+            if pend.refresh:
+                cc, t = comm.sum_all([cc, t])
+            stats = comm.sum_(stats)  # float64: counts and the loss stay exact
+        n_tot, loss_sum, loss_count, bad, g_bad = stats.tolist()
+        world = comm.world_size
+        if g_bad > 0:  # the scaler skips this step; without one, no parameter moves
+            self._rng.bit_generator.state = pend.rng_state
+            self.num_skipped += 1
+            if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+                for p in params:
+                    p.grad = None
+            return False
+        if not present:
+            return False
+        want = world * self.accumulation_steps
+        loss_now = loss_sum / world if loss_count == want else None
+        self._adapt(loss_now)
+        if pend.refresh:
+            self._cache = None if bad else self._whitened(cc / n_tot, t / n_tot, pend)
+        w = self._direction(g, params, present)
+        fallback = w is None
+        if not fallback:
+            gw = float(torch.dot(g, w))
+            fallback = not (math.isfinite(gw) and gw > 0 and bool(torch.isfinite(w).all()))
+        if fallback:
+            w = g
+            self.num_fallbacks += 1
+        clip = self._value(self.clip_norm, "clip_norm", True)
+        if clip is not None:
+            norm = float(torch.linalg.vector_norm(w))
+            if norm > clip:
+                w = w * (clip / norm)
+        self._ratio.prev_loss = loss_now
+        self._ratio.prev_gw = float(torch.dot(g, w))
+        self._ratio.prev_lr = self._current_lr()
+        offset = 0
+        for j in present:
+            p = params[j]
+            k = p.numel()
+            p.grad.copy_(w[offset:offset + k].view_as(p.grad))
+            offset += k
+        self._step += 1
+        return True
+
+    def precondition(self, outputs, loss: torch.Tensor) -> bool:
+        """``capture(outputs, loss)``, ``loss.backward()`` (scaled by ``grad_scaler``), ``step()``.
+
+        Parameters
+        ----------
+        outputs : Tensor or sequence of Tensor
+            ``h_θ(Z)`` ``(N, ...)``, attached to the graph that ``loss`` was computed from.
+        loss : Tensor
+            Scalar.
+
+        Returns
+        -------
+        bool
+            As :meth:`step`.
+        """
+        _check_loss(loss)
+        self.capture(outputs, loss)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        return self.step()
+
+    def _whitened(self, cc, t, pend: _Pending):
+        lam = self._value(self.lam, "lam", False)
+        k = None
+        if lam > 0:
+            k = pend.kernel.cross_hessian_selected(pend.points, pend.dims, pend.points, pend.dims)
+            k = (k + k.T) / 2
+        if not (bool(torch.isfinite(cc).all()) and bool(torch.isfinite(t).all())):
+            return None
+        t_white = whiten(cc, t, k=k, lam=lam)
+        dmp = damping_from_whitened(t_white) if self.damping == "jacobian" else None
+        return {"t_white": t_white, "damping": dmp, "active": pend.active, "step": self._step}
+
+    def _direction(self, g, params, present):
+        c = self._cache
+        if c is None:
+            return None
+        tw, dmp = c["t_white"], c["damping"]
+        if len(present) < len(params):
+            sizes = [p.numel() for p in params]
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            keep = np.concatenate([np.arange(starts[j], starts[j + 1]) for j in present])
+            keep = torch.as_tensor(keep, device=tw.device)
+            tw = tw.index_select(1, keep)
+            dmp = None if dmp is None else dmp.index_select(0, keep)
+        return solve_whitened(tw.to(g.dtype), g, eps=self.current_eps(),
+                              damping=None if dmp is None else dmp.to(g.dtype))
+
+    def _adapt(self, loss_now: float | None) -> None:
+        st = self._ratio
+        if not self.adaptive_eps:
+            return
+        if loss_now is None:
+            return
+        if st.prev_loss is None or not st.prev_gw or st.prev_gw <= 0:
+            return
+        if st.prev_lr is None:
+            if not self._warned_lr:
+                self._warned_lr = True
+                warnings.warn("KWNG: adaptive_eps needs the learning rate (pass lr= or optimizer=); "
+                              "eps stays fixed", UserWarning, stacklevel=3)
+            return
+        if st.prev_lr <= 0:
+            return
+        r = 2.0 * (st.prev_loss - loss_now) / (st.prev_lr * st.prev_gw)
+        if not math.isfinite(r):
+            return
+        st.r_max = max(st.r_max, r)
+        st.count += 1
+        if st.count >= self.window:
+            base = self._value(self.eps, "eps", True)
+            eps = self.current_eps()
+            if st.r_max < 0.25:
+                eps = eps / self.eps_factor
+            elif st.r_max > 0.75:
+                eps = eps * self.eps_factor
+            eps = min(max(eps, self.eps_bounds[0]), self.eps_bounds[1])
+            self._eps_scale = eps / base
+            st.r_max, st.count = -math.inf, 0
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self, include_cache: bool = True) -> dict:
+        """Everything a resumed run needs to continue bit-identically.
+
+        Holds the step, the adapted ``ε`` (as value and factor), the counters, the
+        reduction-ratio state, the generator state, the current values of the hyperparameters
+        (never callables) and, with ``include_cache``, the cached ``T̃`` and ``D`` that
+        ``refresh_every > 1`` reuses. Tensors and plain Python values only
+        (``torch.load(..., weights_only=True)`` reads it).
+        """
+        r = self._ratio
+        state = {
+            "step": self._step,
+            "eps_scale": self._eps_scale,
+            "eps": self.current_eps(),
+            "num_fallbacks": self.num_fallbacks,
+            "num_skipped": self.num_skipped,
+            "ratio": {"prev_loss": r.prev_loss, "prev_gw": r.prev_gw, "prev_lr": r.prev_lr,
+                      "r_max": r.r_max, "count": r.count},
+            "rng": copy.deepcopy(self._rng.bit_generator.state),
+            "hyperparameters": {"lam": self._value(self.lam, "lam", False),
+                                "clip_norm": self._value(self.clip_norm, "clip_norm", True),
+                                "lr": self._current_lr(), "num_basis": self.num_basis,
+                                "refresh_every": self.refresh_every},
+            "cache": None,
+        }
+        c = self._cache
+        if include_cache and c is not None:
+            state["cache"] = {"t_white": c["t_white"].clone(),
+                              "damping": None if c["damping"] is None else c["damping"].clone(),
+                              "active": list(c["active"]), "step": c["step"]}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (not mutated); cached tensors go to the parameters' device."""
+        state = copy.deepcopy(state)
+        self._step = int(state["step"])
+        self._eps_scale = float(state["eps_scale"])
+        self.num_fallbacks = int(state["num_fallbacks"])
+        self.num_skipped = int(state["num_skipped"])
+        r = state["ratio"]
+        self._ratio = _Ratio(r["prev_loss"], r["prev_gw"], r["prev_lr"], float(r["r_max"]), int(r["count"]))
+        self._rng.bit_generator.state = state["rng"]
+        self._pending = None
+        c = state.get("cache")
+        if c is None:
+            self._cache = None
+        else:
+            dev = self._params[0].device
+            self._cache = {"t_white": c["t_white"].to(dev),
+                           "damping": None if c["damping"] is None else c["damping"].to(dev),
+                           "active": tuple(c["active"]), "step": int(c["step"])}
+
+    def __repr__(self) -> str:
+        q = sum(p.numel() for p in self._params)
+        def show(h):
+            return getattr(h, "__name__", "schedule") if callable(h) else repr(h)
+        return (f"KWNG(params={len(self._params)} tensors, q={q}, num_basis={self.num_basis}, "
+                f"eps={show(self.eps)}, lam={show(self.lam)}, damping={self.damping!r}, "
+                f"kernel={self.kernel!r}, "
+                f"adaptive_eps={self.adaptive_eps}, clip_norm={show(self.clip_norm)}, "
+                f"refresh_every={self.refresh_every}, accumulation_steps={self.accumulation_steps}, "
+                f"step={self._step})")
+
+
+def _check_loss(loss) -> None:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss must be a scalar tensor; got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"loss must be a scalar tensor; got shape {tuple(loss.shape)}")
