@@ -271,7 +271,9 @@ def _eps_floor(xp, dtype) -> float:
 
 
 def whiten(cc, t, *, k=None, lam: float = 0.0, rcond: float | None = None):
-    r"""Whitened :math:`\tilde T = \Sigma^{\dagger 1/2} V^\top T`, where :math:`CC^\top + \lambda K = V\Sigma V^\top`.
+    r"""Whitened :math:`\tilde T = \Sigma^{\dagger 1/2} V^\top T`.
+
+    Here :math:`CC^\top + \lambda K = V\Sigma V^\top` (one symmetric eigen-decomposition).
 
     :math:`\tilde T^\top \tilde T = T^\top (CC^\top + \lambda K)^\dagger T = \hat G`.
 
