@@ -26,7 +26,8 @@ KERNELS = [Gaussian(AuthorsRule()), RationalQuadratic(1.5, alpha=0.8)]
 @pytest.mark.parametrize("lam", [0.0, 0.1])
 @pytest.mark.parametrize("damping", ["identity", "jacobian", "array"])
 @pytest.mark.parametrize(
-    ("q", "form"), [(5, "primal"), (5, "dual"), (30, "dual"), (30, "primal"), (30, "auto")]
+    ("q", "form"),
+    [(5, "primal"), (5, "dual"), (5, "dual-qr"), (30, "dual"), (30, "dual-qr"), (30, "primal"), (30, "auto")],
 )
 def test_direction_matches_dense_reference(kernel, lam, damping, q, form):
     x, jac, g, basis = linear_problem(q=q)
@@ -73,11 +74,27 @@ def test_metric_apply_matches_dense(lam):
 
 
 @pytest.mark.parametrize("q", [5, 30])
-def test_primal_equals_dual(q):
+@pytest.mark.parametrize("dual", ["dual", "dual-qr"])
+def test_primal_equals_dual(q, dual):
     x, jac, g, basis = linear_problem(q=q, m=15, seed=4)
     kw = dict(kernel=Gaussian(AuthorsRule()), basis=basis, jacobian=jac, eps=1e-4, damping="jacobian")
     np.testing.assert_allclose(wk.kwng_direction(g, x, form="primal", **kw),
-                               wk.kwng_direction(g, x, form="dual", **kw), rtol=1e-8)
+                               wk.kwng_direction(g, x, form=dual, **kw), rtol=1e-8)
+
+
+def test_dual_form_handles_cut_directions_at_tiny_eps():
+    # whitening leaves exact zero rows in T̃ for cut directions; the Gram-based dual keeps
+    # every digit there (a Householder Q picks an arbitrary column for them)
+    rng = np.random.default_rng(8)
+    t_white = rng.normal(size=(6, 50))
+    t_white[[1, 4]] = 0.0
+    g = rng.normal(size=50)
+    _, sig, wt = np.linalg.svd(t_white, full_matrices=True)
+    sig2 = np.concatenate([sig**2, np.zeros(50 - sig.size)])
+    for eps in (1e-3, 1e-8, 1e-12):
+        exact = wt.T @ ((wt @ g) / (sig2 + eps))
+        w = wk.solve_whitened(t_white, g, eps=eps)
+        assert np.linalg.norm(w - exact) / np.linalg.norm(exact) < 1e-13
 
 
 def test_direction_on_every_backend(backend):
@@ -201,7 +218,7 @@ def _call(**over):
         (dict(samples=np.full((40, 3), np.nan)), ValueError, "samples must be finite"),
         (dict(grad=np.array([0, 0, np.inf, 0, 0.0])), ValueError, "grad must be finite"),
         (dict(jacobian=np.full((40, 3, 5), np.nan)), ValueError, "jacobian must be finite"),
-        (dict(form="qr"), ValueError, "form must be 'auto', 'primal' or 'dual'"),
+        (dict(form="qr"), ValueError, "form must be 'auto', 'primal', 'dual' or 'dual-qr'"),
         (dict(chunk_size=0), ValueError, "chunk_size must be an int >= 1"),
     ],
 )

@@ -19,16 +19,18 @@ For :math:`\lambda = 0` this is the ridgeless form of the seed's last slides.
 
 **Solve.** With :math:`h = D^{1/2} g` and :math:`S = \tilde T D^{1/2}` (``M × q``),
 :math:`w = D^{1/2}(S^\top S + \varepsilon I)^{-1} h`. The *primal* form (``q ≤ M``)
-eigen-decomposes :math:`S^\top S` (``q × q``). The *dual* form (``q > M``) takes a
-Householder QR :math:`S^\top = QR` and uses
+eigen-decomposes :math:`S^\top S` (``q × q``). The *dual* form (``q > M``) takes ``Q``
+``(q, M)`` with orthonormal columns spanning the range of :math:`S^\top` and uses
 
 .. math:: (S^\top S + \varepsilon I)^{-1} h = \varepsilon^{-1}(h - QQ^\top h)
-          + Q (RR^\top + \varepsilon I)^{-1} Q^\top h ,
+          + Q (Q^\top S^\top S Q + \varepsilon I)^{-1} Q^\top h ,
 
 which equals the Woodbury form of DESIGN §2 in exact arithmetic but never subtracts two
-nearly equal vectors and divides by :math:`\varepsilon`: ``Q`` is orthonormal to rounding
-whatever the conditioning, so the error stays bounded as :math:`\varepsilon \to 0`
-(``docs/accuracy.md`` measures both against the naive Woodbury formula).
+nearly equal vectors and divides by :math:`\varepsilon`: ``Q`` is orthonormal to rounding,
+so the error stays bounded as :math:`\varepsilon \to 0`. ``Q`` comes from two passes of
+``M × M`` Gram eigen-decompositions (matrix products only; ``form="dual-qr"`` uses a
+Householder QR instead). ``docs/accuracy.md`` measures every form against the Woodbury
+formula as written.
 """
 
 from __future__ import annotations
@@ -344,6 +346,25 @@ def damping_from_whitened(t_white, *, floor: float | None = None):
     return xp.where(top > 0, 1.0 / (norms + delta), xp.ones_like(norms))
 
 
+def _orthonormal_range(xp, a, passes: int = 2):
+    """Orthonormal columns spanning the range of ``a`` ``(q, M)``, from ``M × M`` Gram matrices.
+
+    Each pass eigen-decomposes ``aᵀa = U Λ Uᵀ`` and maps ``a ← a U Λ^{-1/2}`` (directions with
+    ``λ <= M·eps·max λ`` become zero columns). One pass leaves a loss of orthogonality of about
+    ``eps·κ(a)²``; the second pass brings it to rounding level (the idea of CholeskyQR2), and,
+    unlike a Cholesky factor, the eigen-decomposition accepts rank-deficient input. Only
+    matrix products touch the long axis, so on GPUs this costs a few passes over ``a`` where a
+    Householder QR of a tall matrix runs one column at a time.
+    """
+    m = a.shape[1]
+    tiny = m * _eps_floor(xp, a.dtype)
+    for _ in range(passes):
+        lam, u = xp.linalg.eigh(a.T @ a)
+        keep = lam > tiny * xp.max(lam)
+        a = a @ (u * xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, lam, 1.0)), 0.0)[None, :])
+    return a
+
+
 def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto"):
     r"""``w = (T̃ᵀ T̃ + ε D⁻¹)⁻¹ g`` — the KWNG direction from the whitened ``T̃``.
 
@@ -357,10 +378,14 @@ def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto
         Damping :math:`\varepsilon > 0`.
     damping : array, shape (q,), optional
         The positive diagonal of ``D``; ``None`` for ``D = I``.
-    form : {"auto", "primal", "dual"}
-        ``"primal"`` eigen-decomposes the ``q × q`` matrix ``S^T S``; ``"dual"`` works with the
-        ``M × M`` matrix ``R Rᵀ`` of a QR of ``Sᵀ`` (module docstring); ``"auto"`` picks primal
-        when ``q <= M``.
+    form : {"auto", "primal", "dual", "dual-qr"}
+        ``"primal"`` eigen-decomposes the ``q × q`` matrix ``SᵀS``. The dual forms use
+        ``(SᵀS + εI)⁻¹h = ε⁻¹(h − QQᵀh) + Q(QᵀSᵀSQ + εI)⁻¹Qᵀh`` with ``Q`` ``(q, M)``
+        orthonormal and spanning the range of ``Sᵀ``: ``"dual"`` builds ``Q`` from two passes of
+        ``M × M`` Gram eigen-decompositions (matrix products only: fast on GPUs),
+        ``"dual-qr"`` from a Householder QR (the most accurate on strongly graded ``T̃``, but
+        slow for tall matrices on GPUs). ``"auto"`` picks ``"primal"`` when ``q <= M``, else
+        ``"dual"``. ``docs/accuracy.md`` measures all of them.
 
     Returns
     -------
@@ -371,8 +396,8 @@ def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto
     m, q = t_white.shape
     if grad.ndim != 1 or grad.shape[0] != q:
         raise ValueError(f"grad must have shape (q,) = ({q},); got {tuple(grad.shape)}")
-    if form not in ("auto", "primal", "dual"):
-        raise ValueError(f"form must be 'auto', 'primal' or 'dual'; got {form!r}")
+    if form not in ("auto", "primal", "dual", "dual-qr"):
+        raise ValueError(f"form must be 'auto', 'primal', 'dual' or 'dual-qr'; got {form!r}")
     if damping is None:
         h, s = grad, t_white
     else:
@@ -382,10 +407,11 @@ def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto
         mu, w = xp.linalg.eigh(s.T @ s)
         x = w @ ((w.T @ h) / (xp.where(mu > 0, mu, 0.0) + eps))
     else:
-        qmat, r = xp.linalg.qr(s.T)  # (q, M), (M, M)
-        mu, u = xp.linalg.eigh(r @ r.T)
-        c = qmat.T @ h
-        x = (h - qmat @ c) / eps + qmat @ (u @ ((u.T @ c) / (xp.where(mu > 0, mu, 0.0) + eps)))
+        basis = xp.linalg.qr(s.T)[0] if form == "dual-qr" else _orthonormal_range(xp, s.T)  # (q, M)
+        b = s @ basis  # (M, M): SQ, so QᵀSᵀSQ = bᵀb
+        mu, u = xp.linalg.eigh(b.T @ b)
+        c = basis.T @ h
+        x = (h - basis @ c) / eps + basis @ (u @ ((u.T @ c) / (xp.where(mu > 0, mu, 0.0) + eps)))
     return x if damping is None else root * x
 
 
