@@ -72,7 +72,8 @@ def test_any_model_trains_and_matches_core(name):
     w_core = kwng_direction(torch.cat([gi.reshape(-1) for gi in g]), samples,
                             kernel=Gaussian(kwng.last_kernel.bandwidth), basis=kwng.last_basis, eps=1e-2,
                             damping="jacobian", jacobian=jac)
-    assert rel_err(to_np(w), to_np(w_core)) < 1e-9
+    # float64; the solve amplifies rounding by about ‖Ĝ‖/ε (1.5e-9 seen with another BLAS)
+    assert rel_err(to_np(w), to_np(w_core)) < 1e-7
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
