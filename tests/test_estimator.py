@@ -251,17 +251,3 @@ def test_whiten_and_solve_validate():
     with pytest.raises(ValueError, match=r"grad must have shape \(q,\) = \(3,\)"):
         wk.solve_whitened(np.ones((2, 3)), np.ones(2), eps=1.0)
 
-
-def test_long_inner_products_are_split_exactly(monkeypatch, backend):
-    from wngkernels import estimator
-
-    monkeypatch.setattr(estimator, "LONG_BLOCK", 7)
-    rng = np.random.default_rng(9)
-    a, b = rng.normal(size=(3, 40)), rng.normal(size=(40, 2))
-    got = estimator._matmul_long(backend.xp, backend.asarray(a), backend.asarray(b))
-    backend.assert_close(got, a @ b, atol=0 if backend.is_float64 else 1e-5)
-    t_white, g = rng.normal(size=(4, 40)), rng.normal(size=40)
-    want = wk.solve_whitened(t_white, g, eps=1e-3, form="primal")
-    got = wk.solve_whitened(backend.asarray(t_white), backend.asarray(g), eps=1e-3)
-    backend.assert_close(got, want, rtol=1e-9 if backend.is_float64 else 1e-2,
-                         atol=0 if backend.is_float64 else 1e-3 * np.abs(want).max())

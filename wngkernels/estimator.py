@@ -346,34 +346,6 @@ def damping_from_whitened(t_white, *, floor: float | None = None):
     return xp.where(top > 0, 1.0 / (norms + delta), xp.ones_like(norms))
 
 
-#: Inner dimension above which :func:`_matmul_long` splits a product into a batch of blocks.
-LONG_BLOCK = 2**16
-
-
-def _matmul_long(xp, a, b):
-    """``a @ b`` for ``a`` ``(m, q)``, ``b`` ``(q, k)`` with a long inner axis ``q`` and small ``m, k``.
-
-    Above :data:`LONG_BLOCK` the product is a batch of ``(m, block) @ (block, k)`` products,
-    summed: the same arithmetic, but GPU BLAS libraries spread a batch over the whole chip,
-    where one product with a tiny output runs on a few multiprocessors (0.5 ms for
-    ``5 × 1.1e7 × 5`` on an H100, against tens of microseconds as a batch).
-    """
-    m, q = a.shape
-    if q <= LONG_BLOCK:
-        return a @ b
-    k = b.shape[1]
-    nb = -(-q // LONG_BLOCK)
-    pad = nb * LONG_BLOCK - q
-    if pad:
-        dev = _backend.device(a)
-        a = xp.concat([a, xp.zeros((m, pad), dtype=a.dtype, device=dev)], axis=1)
-        b = xp.concat([b, xp.zeros((pad, k), dtype=b.dtype, device=dev)], axis=0)
-    blocks = xp.permute_dims(xp.reshape(a, (m, nb, LONG_BLOCK)), (1, 0, 2)) @ xp.reshape(
-        b, (nb, LONG_BLOCK, k)
-    )
-    return xp.sum(blocks, axis=0)
-
-
 def _orthonormal_range(xp, a, passes: int = 2):
     """Orthonormal columns spanning the range of ``a`` ``(q, M)``, from ``M × M`` Gram matrices.
 
@@ -387,7 +359,7 @@ def _orthonormal_range(xp, a, passes: int = 2):
     m = a.shape[1]
     tiny = m * _eps_floor(xp, a.dtype)
     for _ in range(passes):
-        lam, u = xp.linalg.eigh(_matmul_long(xp, a.T, a))
+        lam, u = xp.linalg.eigh(a.T @ a)
         keep = lam > tiny * xp.max(lam)
         a = a @ (u * xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, lam, 1.0)), 0.0)[None, :])
     return a
@@ -436,9 +408,9 @@ def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto
         x = w @ ((w.T @ h) / (xp.where(mu > 0, mu, 0.0) + eps))
     else:
         basis = xp.linalg.qr(s.T)[0] if form == "dual-qr" else _orthonormal_range(xp, s.T)  # (q, M)
-        b = _matmul_long(xp, s, basis)  # (M, M): SQ, so QᵀSᵀSQ = bᵀb
+        b = s @ basis  # (M, M): SQ, so QᵀSᵀSQ = bᵀb
         mu, u = xp.linalg.eigh(b.T @ b)
-        c = _matmul_long(xp, basis.T, h[:, None])[:, 0]
+        c = basis.T @ h
         x = (h - basis @ c) / eps + basis @ (u @ ((u.T @ c) / (xp.where(mu > 0, mu, 0.0) + eps)))
     return x if damping is None else root * x
 
