@@ -231,10 +231,20 @@ class Kernel:
     def _rows(self, xp, x, onehot, y, ell: float):
         """:meth:`cross_hessian_rows` on validated inputs (``onehot`` is ``(M, d)``)."""
         u = x[:, None, :] - y[None, :, :]
-        _, dphi, d2phi = self.radial(xp, xp.vecdot(u, u), ell)
         # u[m, n, i_m] = x[m, i_m] - y[n, i_m], without an (M, N, d) temporary
         u_sel = xp.sum(x * onehot, axis=1)[:, None] - onehot @ y.T
-        return (-4 * d2phi * u_sel)[..., None] * u + (-2 * dphi)[..., None] * onehot[:, None, :]
+        alpha, beta = self._row_coefficients(xp, xp.vecdot(u, u), u_sel, ell)
+        return alpha[..., None] * u + beta[..., None] * onehot[:, None, :]
+
+    def _row_coefficients(self, xp, s, u_sel, ell: float):
+        """``(α, β)``, each ``(M, N)``, with row ``[m, n, :] = α u + β e_{i_m}`` (``u = x_m − y_n``).
+
+        From ``∂_{x_a}∂_{y_b} k = −2φ'(s) δ_ab − 4φ''(s) u_a u_b`` at ``a = i_m``:
+        ``α = −4 φ''(s) u_{i_m}`` and ``β = −2 φ'(s)``, for squared distances ``s`` and selected
+        differences ``u_sel = u_{i_m}``.
+        """
+        _, dphi, d2phi = self.radial(xp, s, ell)
+        return -4 * d2phi * u_sel, -2 * dphi
 
     def cross_hessian_selected(self, x, dims_x, y, dims_y):
         r"""Entries of the cross Hessian selected by one coordinate per point on both sides.
