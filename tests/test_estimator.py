@@ -251,3 +251,19 @@ def test_whiten_and_solve_validate():
     with pytest.raises(ValueError, match=r"grad must have shape \(q,\) = \(3,\)"):
         wk.solve_whitened(np.ones((2, 3)), np.ones(2), eps=1.0)
 
+
+
+@pytest.mark.parametrize("form", ["primal", "dual", "dual-qr"])
+def test_factorized_solver_reuses_one_factorisation_for_every_eps(form, backend):
+    rng = np.random.default_rng(11)
+    t_white, g, dmp = rng.normal(size=(6, 9)), rng.normal(size=9), rng.uniform(0.5, 2.0, 9)
+    solver = wk.factorize_whitened(backend.asarray(t_white), damping=backend.asarray(dmp), form=form)
+    for eps in (1e-1, 1e-3):
+        want = np.linalg.solve(t_white.T @ t_white + eps * np.diag(1 / dmp), g)
+        backend.assert_close(solver.solve(backend.asarray(g), eps), want,
+                             rtol=1e-8 if backend.is_float64 else 5e-2,
+                             atol=0 if backend.is_float64 else 1e-2 * np.abs(want).max())
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        solver.solve(backend.asarray(g), 0.0)
+    with pytest.raises(ValueError, match=r"grad must have shape \(q,\) = \(9,\)"):
+        solver.solve(backend.asarray(g[:3]), 1e-3)

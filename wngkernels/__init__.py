@@ -7,9 +7,11 @@ PyTorch preconditioner lives in :mod:`wngkernels.torch`.
 
 from .bandwidth import AuthorsRule, MedianHeuristic
 from .estimator import (
+    WhitenedSolver,
     cc_gram,
     cotangents,
     damping_from_whitened,
+    factorize_whitened,
     k_gram,
     kwng_direction,
     metric_apply,
@@ -27,9 +29,11 @@ __all__ = [
     "MedianHeuristic",
     "NystromBasis",
     "RationalQuadratic",
+    "WhitenedSolver",
     "cc_gram",
     "cotangents",
     "damping_from_whitened",
+    "factorize_whitened",
     "k_gram",
     "kwng_direction",
     "metric_apply",

@@ -45,9 +45,11 @@ from .kernels import Kernel, coordinate_onehot
 from .nystrom import NystromBasis
 
 __all__ = [
+    "WhitenedSolver",
     "cc_gram",
     "cotangents",
     "damping_from_whitened",
+    "factorize_whitened",
     "k_gram",
     "kwng_direction",
     "metric_apply",
@@ -396,8 +398,92 @@ def _orthonormal_range(xp, a, passes: int = 2):
     return a
 
 
+@dataclass(frozen=True)
+class WhitenedSolver:
+    r"""``g ↦ (T̃ᵀT̃ + ε D⁻¹)⁻¹ g`` for any ``ε``, factorised once (:func:`factorize_whitened`).
+
+    With ``S = T̃ D^{1/2}`` and ``h = D^{1/2} g``, it stores ``V`` with orthonormal columns and
+    ``μ`` such that ``SᵀS = V diag(μ) Vᵀ``, and in the dual form the orthonormal ``Q`` spanning
+    the range of ``Sᵀ``: then ``(SᵀS + εI)⁻¹h = V diag(1/(μ + ε)) Vᵀh [+ ε⁻¹(h − QQᵀh)]``.
+    A solve costs a few products with ``V`` (and ``Q``) — what a training loop needs between
+    refreshes of ``T̃``, for any ``ε``.
+
+    Attributes
+    ----------
+    vectors : array, shape (q, k)
+        ``V`` (``k = q`` in the primal form, ``k = M`` in the dual form).
+    values : array, shape (k,)
+        ``μ >= 0``.
+    root : array, shape (q,) or None
+        ``D^{1/2}``; ``None`` for ``D = I``.
+    span : array, shape (q, M) or None
+        ``Q`` in the dual form; ``None`` in the primal form, where ``V`` spans ``R^q``.
+    """
+
+    vectors: Any
+    values: Any
+    root: Any
+    span: Any
+
+    def solve(self, grad, eps: float):
+        """The direction ``w`` ``(q,)`` for the gradient ``grad`` ``(q,)`` and damping ``eps > 0``."""
+        _backend.namespace(grad, self.vectors, names=("grad", "vectors"))
+        eps = _check_positive(eps, "eps")
+        q = self.vectors.shape[0]
+        if grad.ndim != 1 or grad.shape[0] != q:
+            raise ValueError(f"grad must have shape (q,) = ({q},); got {tuple(grad.shape)}")
+        h = grad if self.root is None else self.root * grad
+        x = self.vectors @ ((self.vectors.T @ h) / (self.values + eps))
+        if self.span is not None:
+            x = x + (h - self.span @ (self.span.T @ h)) / eps
+        return x if self.root is None else self.root * x
+
+
+def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> WhitenedSolver:
+    r"""Factorise ``T̃ᵀT̃ + ε D⁻¹`` once for every ``ε``: a :class:`WhitenedSolver`.
+
+    Parameters
+    ----------
+    t_white : array, shape (M, q)
+        :math:`\tilde T` (:func:`whiten`).
+    damping : array, shape (q,), optional
+        The positive diagonal of ``D``; ``None`` for ``D = I``.
+    form : {"auto", "primal", "dual", "dual-qr"}
+        ``"primal"`` eigen-decomposes the ``q × q`` matrix ``SᵀS``. The dual forms take ``Q``
+        ``(q, M)`` orthonormal, spanning the range of ``Sᵀ``, and eigen-decompose the ``M × M``
+        matrix ``QᵀSᵀSQ``: ``"dual"`` builds ``Q`` from two passes of ``M × M`` Gram
+        eigen-decompositions (matrix products only: fast on GPUs), ``"dual-qr"`` from a
+        Householder QR (the most accurate on strongly graded ``T̃``, but slow for tall matrices
+        on GPUs). ``"auto"`` picks ``"primal"`` when ``q <= M``, else ``"dual"``.
+        ``docs/accuracy.md`` measures all of them.
+
+    Returns
+    -------
+    WhitenedSolver
+    """
+    xp = _backend.namespace(t_white, damping, names=("t_white", "damping"))
+    if t_white.ndim != 2:
+        raise ValueError(f"t_white must be 2-D (M, q); got shape {tuple(t_white.shape)}")
+    m, q = t_white.shape
+    if form not in ("auto", "primal", "dual", "dual-qr"):
+        raise ValueError(f"form must be 'auto', 'primal', 'dual' or 'dual-qr'; got {form!r}")
+    root = None if damping is None else xp.sqrt(damping)
+    s = t_white if root is None else t_white * root[None, :]
+    if form == "primal" or (form == "auto" and q <= m):
+        mu, vectors = xp.linalg.eigh(s.T @ s)
+        span = None
+    else:
+        basis = xp.linalg.qr(s.T)[0] if form == "dual-qr" else _orthonormal_range(xp, s.T)  # (q, M)
+        b = s @ basis  # (M, M): SQ, so QᵀSᵀSQ = bᵀb
+        mu, u = xp.linalg.eigh(b.T @ b)
+        vectors, span = basis @ u, basis
+    return WhitenedSolver(vectors, xp.where(mu > 0, mu, 0.0), root, span)
+
+
 def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto"):
     r"""``w = (T̃ᵀ T̃ + ε D⁻¹)⁻¹ g`` — the KWNG direction from the whitened ``T̃``.
+
+    ``factorize_whitened(t_white, damping=damping, form=form).solve(grad, eps)``.
 
     Parameters
     ----------
@@ -410,40 +496,18 @@ def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto
     damping : array, shape (q,), optional
         The positive diagonal of ``D``; ``None`` for ``D = I``.
     form : {"auto", "primal", "dual", "dual-qr"}
-        ``"primal"`` eigen-decomposes the ``q × q`` matrix ``SᵀS``. The dual forms use
-        ``(SᵀS + εI)⁻¹h = ε⁻¹(h − QQᵀh) + Q(QᵀSᵀSQ + εI)⁻¹Qᵀh`` with ``Q`` ``(q, M)``
-        orthonormal and spanning the range of ``Sᵀ``: ``"dual"`` builds ``Q`` from two passes of
-        ``M × M`` Gram eigen-decompositions (matrix products only: fast on GPUs),
-        ``"dual-qr"`` from a Householder QR (the most accurate on strongly graded ``T̃``, but
-        slow for tall matrices on GPUs). ``"auto"`` picks ``"primal"`` when ``q <= M``, else
-        ``"dual"``. ``docs/accuracy.md`` measures all of them.
+        See :func:`factorize_whitened`.
 
     Returns
     -------
     array, shape (q,)
     """
-    xp = _backend.namespace(t_white, grad, damping, names=("t_white", "grad", "damping"))
+    _backend.namespace(t_white, grad, damping, names=("t_white", "grad", "damping"))
     eps = _check_positive(eps, "eps")
-    m, q = t_white.shape
+    q = t_white.shape[-1]
     if grad.ndim != 1 or grad.shape[0] != q:
         raise ValueError(f"grad must have shape (q,) = ({q},); got {tuple(grad.shape)}")
-    if form not in ("auto", "primal", "dual", "dual-qr"):
-        raise ValueError(f"form must be 'auto', 'primal', 'dual' or 'dual-qr'; got {form!r}")
-    if damping is None:
-        h, s = grad, t_white
-    else:
-        root = xp.sqrt(damping)
-        h, s = root * grad, t_white * root[None, :]
-    if form == "primal" or (form == "auto" and q <= m):
-        mu, w = xp.linalg.eigh(s.T @ s)
-        x = w @ ((w.T @ h) / (xp.where(mu > 0, mu, 0.0) + eps))
-    else:
-        basis = xp.linalg.qr(s.T)[0] if form == "dual-qr" else _orthonormal_range(xp, s.T)  # (q, M)
-        b = s @ basis  # (M, M): SQ, so QᵀSᵀSQ = bᵀb
-        mu, u = xp.linalg.eigh(b.T @ b)
-        c = basis.T @ h
-        x = (h - basis @ c) / eps + basis @ (u @ ((u.T @ c) / (xp.where(mu > 0, mu, 0.0) + eps)))
-    return x if damping is None else root * x
+    return factorize_whitened(t_white, damping=damping, form=form).solve(grad, eps)
 
 
 def _check_positive(value, name):

@@ -155,7 +155,14 @@ def test_falls_back_to_g_on_injected_nan_in_t(monkeypatch):
 def test_falls_back_to_g_when_w_is_not_a_descent_direction(monkeypatch):
     model, x = make_model("mlp", torch.float64)
     y = torch.randn(x.shape[0], dtype=torch.float64)
-    monkeypatch.setattr(pre, "solve_whitened", lambda t, g, **k: -g)
+    class Ascent:  # a "solver" whose direction points uphill
+        def __init__(self, *a, **k):
+            self.vectors = torch.zeros(1, dtype=torch.float64)
+
+        def solve(self, g, eps):
+            return -g
+
+    monkeypatch.setattr(pre, "factorize_whitened", Ascent)
     kwng = KWNG(model.parameters(), clip_norm=None, generator=0)
     out = model(x)
     kwng.precondition(out, _loss(out, y))

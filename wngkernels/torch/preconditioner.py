@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..bandwidth import AuthorsRule
-from ..estimator import damping_from_whitened, solve_whitened, whiten
+from ..estimator import damping_from_whitened, factorize_whitened, solve_whitened, whiten
 from ..kernels import Gaussian, Kernel
 from ..nystrom import NystromBasis, nystrom_basis
 from ._batched import _work_dtype, flatten_outputs, jacobian_vjp_rows
@@ -263,7 +263,7 @@ class KWNG:
         self._step = 0
         self._eps_scale = 1.0
         self._ratio = _Ratio()
-        self._cache = None  # dict(t_white, damping, active, step)
+        self._cache = None  # dict(t_white, damping, active, step, and the factorised solver)
         self._pending: _Pending | None = None
         self.num_fallbacks = 0
         self.num_skipped = 0
@@ -535,6 +535,13 @@ class KWNG:
         if c is None:
             return None
         tw, dmp = c["t_white"], c["damping"]
+        if len(present) == len(params):
+            # factorised once per refresh: between refreshes a step costs a few products
+            solver = c.get("solver")
+            if solver is None or solver.vectors.dtype != g.dtype:
+                solver = factorize_whitened(tw.to(g.dtype), damping=None if dmp is None else dmp.to(g.dtype))
+                c["solver"] = solver
+            return solver.solve(g, self.current_eps())
         if len(present) < len(params):
             sizes = [p.numel() for p in params]
             starts = np.concatenate([[0], np.cumsum(sizes)])
