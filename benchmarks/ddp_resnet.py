@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_step import ResNet18  # noqa: E402
+from torch_step import ResNet18, train_step  # noqa: E402
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -126,14 +126,7 @@ def _time(rank, args, device, dtype, use_kwng: bool) -> float:
             torch.cuda.synchronize(device)
         dist.barrier()
         t0 = time.perf_counter()
-        out = ddp(x)
-        loss = F.cross_entropy(out, y)
-        opt.zero_grad()
-        if kwng is None:
-            loss.backward()
-        else:
-            kwng.precondition(out, loss)
-        opt.step()
+        train_step(ddp, opt, kwng, x, y)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= args.warmup:

@@ -57,6 +57,18 @@ class ResNet18(nn.Module):
         return self.fc(z) * self.scale
 
 
+def train_step(model, opt, kwng, x, y) -> None:
+    """One step: forward, cross-entropy, backward (or ``kwng.precondition``), ``opt.step()``."""
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    opt.zero_grad()
+    if kwng is None:
+        loss.backward()
+    else:
+        kwng.precondition(out, loss)
+    opt.step()
+
+
 def _time(make, device, steps: int, warmup: int, batch: int) -> float:
     torch.manual_seed(0)
     model = ResNet18().to(device).train()
@@ -69,14 +81,7 @@ def _time(make, device, steps: int, warmup: int, batch: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        opt.zero_grad()
-        if kwng is None:
-            loss.backward()
-        else:
-            kwng.precondition(out, loss)
-        opt.step()
+        train_step(model, opt, kwng, x, y)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:

@@ -196,3 +196,29 @@ def test_kwng_beats_sgd_on_ill_conditioned_digits():
     sgd = _digits_run(0.3, False)
     kwng = _digits_run(0.3, True)
     assert kwng < sgd - 0.2, (kwng, sgd)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_autocast_without_a_scaler_trains_in_float32(device):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    kwng = KWNG(model.parameters(), optimizer=opt, generator=0)
+    x, y = torch.randn(64, 8, device=device), torch.randint(0, 4, (64,), device=device)
+
+    def full_loss():
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(x), y))
+
+    start = full_loss()
+    for _ in range(30):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = model(x)
+            loss = torch.nn.functional.cross_entropy(out, y)
+        assert out.dtype == torch.bfloat16
+        opt.zero_grad()
+        kwng.precondition(out, loss)
+        opt.step()
+    assert kwng._cache["t_white"].dtype == torch.float32  # T, C Cᵀ and the solve in float32
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert full_loss() < start
