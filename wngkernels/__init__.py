@@ -6,21 +6,10 @@ PyTorch preconditioner lives in :mod:`wngkernels.torch`.
 """
 
 from .bandwidth import AuthorsRule, MedianHeuristic
-from .estimator import (
-    WhitenedSolver,
-    cc_gram,
-    cotangents,
-    damping_from_whitened,
-    factorize_whitened,
-    k_gram,
-    kwng_direction,
-    metric_apply,
-    solve_whitened,
-    t_matrix,
-    whiten,
-)
+from .estimator import cc_gram, cotangents, k_gram, kwng_direction, metric_apply, t_matrix
 from .kernels import Gaussian, Kernel, RationalQuadratic
 from .nystrom import NystromBasis, nystrom_basis
+from .solve import WhitenedSolver, damping_from_whitened, factorize_whitened, solve_whitened, whiten
 
 __all__ = [
     "AuthorsRule",

@@ -35,7 +35,6 @@ formula as written.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,20 +42,15 @@ from typing import Any
 from . import _backend
 from .kernels import Kernel, coordinate_onehot
 from .nystrom import NystromBasis
+from .solve import (
+    _check_nonneg,
+    _check_positive,
+    damping_from_whitened,
+    solve_whitened,
+    whiten,
+)
 
-__all__ = [
-    "WhitenedSolver",
-    "cc_gram",
-    "cotangents",
-    "damping_from_whitened",
-    "factorize_whitened",
-    "k_gram",
-    "kwng_direction",
-    "metric_apply",
-    "solve_whitened",
-    "t_matrix",
-    "whiten",
-]
+__all__ = ["cc_gram", "cotangents", "k_gram", "kwng_direction", "metric_apply", "t_matrix"]
 
 #: Bytes that one chunk's temporaries may take when ``chunk_size`` is not given.
 CHUNK_BYTES = 64 * 2**20
@@ -301,229 +295,6 @@ def _call_vjp(ctx: _Context, vjp: Callable, q: int | None):
     return t
 
 
-def _eps_floor(xp, dtype) -> float:
-    return float(xp.finfo(dtype).eps)
-
-
-def whiten(cc, t, *, k=None, lam: float = 0.0, rcond: float | None = None):
-    r"""Whitened :math:`\tilde T = \Sigma^{\dagger 1/2} V^\top T`.
-
-    Here :math:`CC^\top + \lambda K = V\Sigma V^\top` (one symmetric eigen-decomposition).
-
-    :math:`\tilde T^\top \tilde T = T^\top (CC^\top + \lambda K)^\dagger T = \hat G`.
-
-    Parameters
-    ----------
-    cc : array, shape (M, M)
-        :math:`CC^\top` (:func:`cc_gram`).
-    t : array, shape (M, q)
-        :math:`T` (:func:`t_matrix`).
-    k : array, shape (M, M), optional
-        :math:`K` (:func:`k_gram`); required when ``lam > 0``.
-    lam : float
-        RKHS regularisation :math:`\lambda \ge 0`.
-    rcond : float, optional
-        Relative cut-off: eigenvalues ``<= rcond · max`` count as zero. Default
-        ``M · eps`` of the dtype (``eps = 2.2e-16`` in float64, ``1.2e-7`` in float32),
-        the level below which an eigenvalue of a computed Gram matrix is rounding noise.
-
-    Returns
-    -------
-    array, shape (M, q)
-        Rows of cut directions are zero.
-    """
-    xp = _backend.namespace(cc, t, k, names=("cc", "t", "k"))
-    lam = _check_nonneg(lam, "lam")
-    m = cc.shape[0]
-    if cc.ndim != 2 or cc.shape[1] != m:
-        raise ValueError(f"cc must be square (M, M); got shape {tuple(cc.shape)}")
-    if t.ndim != 2 or t.shape[0] != m:
-        raise ValueError(f"t must have shape (M, q) with M = {m}; got {tuple(t.shape)}")
-    a = cc
-    if lam > 0:
-        if k is None or tuple(k.shape) != (m, m):
-            got = None if k is None else tuple(k.shape)
-            raise ValueError(f"lam > 0 needs k of shape ({m}, {m}); got {got}")
-        a = cc + lam * k
-    rcond = m * _eps_floor(xp, a.dtype) if rcond is None else _check_nonneg(rcond, "rcond")
-    sigma, v = xp.linalg.eigh((a + a.T) / 2)
-    keep = sigma > rcond * xp.max(sigma)
-    inv_sqrt = xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, sigma, 1.0)), 0.0)
-    return inv_sqrt[:, None] * (v.T @ t)
-
-
-def damping_from_whitened(t_white, *, floor: float | None = None):
-    r"""The Jacobian-norm damping :math:`D_{jj} = 1/(\lVert \tilde T_{:,j}\rVert + \delta)`.
-
-    That is :math:`D = \mathrm{diag}(\hat G)^{-1/2}` (what the authors' code uses), guarded
-    by :math:`\delta = ` ``floor · max_j ‖T̃[:, j]‖`` so a parameter the outputs ignore gets a
-    finite weight.
-
-    Parameters
-    ----------
-    t_white : array, shape (M, q)
-        :func:`whiten`'s output.
-    floor : float, optional
-        Relative guard; default ``sqrt(eps)`` of the dtype.
-
-    Returns
-    -------
-    array, shape (q,)
-        Positive; all ones when ``T̃ = 0``.
-    """
-    xp = _backend.namespace(t_white, names=("t_white",))
-    floor = math.sqrt(_eps_floor(xp, t_white.dtype)) if floor is None else _check_nonneg(floor, "floor")
-    norms = xp.sqrt(xp.sum(t_white * t_white, axis=0))
-    top = xp.max(norms)
-    delta = xp.where(top > 0, floor * top, 1.0)
-    return xp.where(top > 0, 1.0 / (norms + delta), xp.ones_like(norms))
-
-
-def _orthonormal_range(xp, a, passes: int = 2):
-    """Orthonormal columns spanning the range of ``a`` ``(q, M)``, from ``M × M`` Gram matrices.
-
-    Each pass eigen-decomposes ``aᵀa = U Λ Uᵀ`` and maps ``a ← a U Λ^{-1/2}`` (directions with
-    ``λ <= M·eps·max λ`` become zero columns). One pass leaves a loss of orthogonality of about
-    ``eps·κ(a)²``; the second pass brings it to rounding level (the idea of CholeskyQR2), and,
-    unlike a Cholesky factor, the eigen-decomposition accepts rank-deficient input. Only
-    matrix products touch the long axis, so on GPUs this costs a few passes over ``a`` where a
-    Householder QR of a tall matrix runs one column at a time.
-    """
-    m = a.shape[1]
-    tiny = m * _eps_floor(xp, a.dtype)
-    for _ in range(passes):
-        lam, u = xp.linalg.eigh(a.T @ a)
-        keep = lam > tiny * xp.max(lam)
-        a = a @ (u * xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, lam, 1.0)), 0.0)[None, :])
-    return a
-
-
-@dataclass(frozen=True)
-class WhitenedSolver:
-    r"""``g ↦ (T̃ᵀT̃ + ε D⁻¹)⁻¹ g`` for any ``ε``, factorised once (:func:`factorize_whitened`).
-
-    With ``S = T̃ D^{1/2}`` and ``h = D^{1/2} g``, it stores ``V`` with orthonormal columns and
-    ``μ`` such that ``SᵀS = V diag(μ) Vᵀ``, and in the dual form the orthonormal ``Q`` spanning
-    the range of ``Sᵀ``: then ``(SᵀS + εI)⁻¹h = V diag(1/(μ + ε)) Vᵀh [+ ε⁻¹(h − QQᵀh)]``.
-    A solve costs a few products with ``V`` (and ``Q``) — what a training loop needs between
-    refreshes of ``T̃``, for any ``ε``.
-
-    Attributes
-    ----------
-    vectors : array, shape (q, k)
-        ``V`` (``k = q`` in the primal form, ``k = M`` in the dual form).
-    values : array, shape (k,)
-        ``μ >= 0``.
-    root : array, shape (q,) or None
-        ``D^{1/2}``; ``None`` for ``D = I``.
-    span : array, shape (q, M) or None
-        ``Q`` in the dual form; ``None`` in the primal form, where ``V`` spans ``R^q``.
-    """
-
-    vectors: Any
-    values: Any
-    root: Any
-    span: Any
-
-    def solve(self, grad, eps: float):
-        """The direction ``w`` ``(q,)`` for the gradient ``grad`` ``(q,)`` and damping ``eps > 0``."""
-        _backend.namespace(grad, self.vectors, names=("grad", "vectors"))
-        eps = _check_positive(eps, "eps")
-        q = self.vectors.shape[0]
-        if grad.ndim != 1 or grad.shape[0] != q:
-            raise ValueError(f"grad must have shape (q,) = ({q},); got {tuple(grad.shape)}")
-        h = grad if self.root is None else self.root * grad
-        x = self.vectors @ ((self.vectors.T @ h) / (self.values + eps))
-        if self.span is not None:
-            x = x + (h - self.span @ (self.span.T @ h)) / eps
-        return x if self.root is None else self.root * x
-
-
-def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> WhitenedSolver:
-    r"""Factorise ``T̃ᵀT̃ + ε D⁻¹`` once for every ``ε``: a :class:`WhitenedSolver`.
-
-    Parameters
-    ----------
-    t_white : array, shape (M, q)
-        :math:`\tilde T` (:func:`whiten`).
-    damping : array, shape (q,), optional
-        The positive diagonal of ``D``; ``None`` for ``D = I``.
-    form : {"auto", "primal", "dual", "dual-qr"}
-        ``"primal"`` eigen-decomposes the ``q × q`` matrix ``SᵀS``. The dual forms take ``Q``
-        ``(q, M)`` orthonormal, spanning the range of ``Sᵀ``, and eigen-decompose the ``M × M``
-        matrix ``QᵀSᵀSQ``: ``"dual"`` builds ``Q`` from two passes of ``M × M`` Gram
-        eigen-decompositions (matrix products only: fast on GPUs), ``"dual-qr"`` from a
-        Householder QR (the most accurate on strongly graded ``T̃``, but slow for tall matrices
-        on GPUs). ``"auto"`` picks ``"primal"`` when ``q <= M``, else ``"dual"``.
-        ``docs/accuracy.md`` measures all of them.
-
-    Returns
-    -------
-    WhitenedSolver
-    """
-    xp = _backend.namespace(t_white, damping, names=("t_white", "damping"))
-    if t_white.ndim != 2:
-        raise ValueError(f"t_white must be 2-D (M, q); got shape {tuple(t_white.shape)}")
-    m, q = t_white.shape
-    if form not in ("auto", "primal", "dual", "dual-qr"):
-        raise ValueError(f"form must be 'auto', 'primal', 'dual' or 'dual-qr'; got {form!r}")
-    root = None if damping is None else xp.sqrt(damping)
-    s = t_white if root is None else t_white * root[None, :]
-    if form == "primal" or (form == "auto" and q <= m):
-        mu, vectors = xp.linalg.eigh(s.T @ s)
-        span = None
-    else:
-        basis = xp.linalg.qr(s.T)[0] if form == "dual-qr" else _orthonormal_range(xp, s.T)  # (q, M)
-        b = s @ basis  # (M, M): SQ, so QᵀSᵀSQ = bᵀb
-        mu, u = xp.linalg.eigh(b.T @ b)
-        vectors, span = basis @ u, basis
-    return WhitenedSolver(vectors, xp.where(mu > 0, mu, 0.0), root, span)
-
-
-def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto"):
-    r"""``w = (T̃ᵀ T̃ + ε D⁻¹)⁻¹ g`` — the KWNG direction from the whitened ``T̃``.
-
-    ``factorize_whitened(t_white, damping=damping, form=form).solve(grad, eps)``.
-
-    Parameters
-    ----------
-    t_white : array, shape (M, q)
-        :math:`\tilde T` (:func:`whiten`).
-    grad : array, shape (q,)
-        The Euclidean gradient ``g``.
-    eps : float
-        Damping :math:`\varepsilon > 0`.
-    damping : array, shape (q,), optional
-        The positive diagonal of ``D``; ``None`` for ``D = I``.
-    form : {"auto", "primal", "dual", "dual-qr"}
-        See :func:`factorize_whitened`.
-
-    Returns
-    -------
-    array, shape (q,)
-    """
-    _backend.namespace(t_white, grad, damping, names=("t_white", "grad", "damping"))
-    eps = _check_positive(eps, "eps")
-    q = t_white.shape[-1]
-    if grad.ndim != 1 or grad.shape[0] != q:
-        raise ValueError(f"grad must have shape (q,) = ({q},); got {tuple(grad.shape)}")
-    return factorize_whitened(t_white, damping=damping, form=form).solve(grad, eps)
-
-
-def _check_positive(value, name):
-    return _backend.check_positive_scalar(value, name)
-
-
-def _check_nonneg(value, name) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number; got {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-    return v
-
-
 def _damping(xp, damping, t_white, q: int, dtype):
     if isinstance(damping, str):
         if damping == "identity":
@@ -577,8 +348,8 @@ def kwng_direction(grad, samples, *, kernel: Kernel, basis: NystromBasis, eps: f
         Spectral cut-off of :func:`whiten`.
     chunk_size : int, optional
         Samples per chunk of :func:`cc_gram`.
-    form : {"auto", "primal", "dual"}
-        See :func:`solve_whitened`.
+    form : {"auto", "primal", "dual", "dual-qr"}
+        See :func:`factorize_whitened`.
 
     Returns
     -------
@@ -602,27 +373,29 @@ def kwng_direction(grad, samples, *, kernel: Kernel, basis: NystromBasis, eps: f
     >>> bool(np.linalg.norm(w - exact) / np.linalg.norm(exact) < 0.1)
     True
     """
-    _one_of(jacobian, vjp)
-    ctx, (grad, jacobian) = _context(
-        samples, basis, kernel, (grad, jacobian), ("grad", "jacobian")
-    )
-    xp = ctx.xp
-    n, d, _ = ctx.shape
-    if grad.ndim != 1:
-        raise ValueError(f"grad must be 1-D (q,); got shape {tuple(grad.shape)}")
-    q = grad.shape[0]
+    ctx, grad, t_white = _whitened_system(samples, basis, kernel, grad, "grad", jacobian, vjp,
+                                          lam, rcond, chunk_size)
     eps = _check_positive(eps, "eps")
+    dmp = _damping(ctx.xp, damping, t_white, grad.shape[0], grad.dtype)
+    return solve_whitened(t_white, grad, eps=eps, damping=dmp, form=form)
+
+
+def _whitened_system(samples, basis, kernel, vec, vec_name, jacobian, vjp, lam, rcond, chunk_size):
+    """Validate; ``C Cᵀ`` and ``T`` (from the Jacobian or the VJP); whiten. Returns ``(ctx, vec, T̃)``."""
+    _one_of(jacobian, vjp)
+    ctx, (vec, jacobian) = _context(samples, basis, kernel, (vec, jacobian), (vec_name, "jacobian"))
+    if vec.ndim != 1:
+        raise ValueError(f"{vec_name} must be 1-D (q,); got shape {tuple(vec.shape)}")
+    q = vec.shape[0]
     lam = _check_nonneg(lam, "lam")
     if jacobian is not None:
-        if _check_jacobian(jacobian, n, d) != q:
-            raise ValueError(f"jacobian's last axis must match grad: q = {q}; got {jacobian.shape[2]}")
+        if _check_jacobian(jacobian, *ctx.samples.shape) != q:
+            raise ValueError(f"jacobian's last axis must match {vec_name}: q = {q}; got {jacobian.shape[2]}")
         cc, t = _accumulate(ctx, jacobian, chunk_size)
     else:
         cc, _ = _accumulate(ctx, chunk_size=chunk_size)
         t = _call_vjp(ctx, vjp, q)
-    t_white = whiten(cc, t, k=_k(ctx) if lam > 0 else None, lam=lam, rcond=rcond)
-    dmp = _damping(xp, damping, t_white, q, grad.dtype)
-    return solve_whitened(t_white, grad, eps=eps, damping=dmp, form=form)
+    return ctx, vec, whiten(cc, t, k=_k(ctx) if lam > 0 else None, lam=lam, rcond=rcond)
 
 
 def metric_apply(v, samples, *, kernel: Kernel, basis: NystromBasis, lam: float = 0.0,
@@ -639,17 +412,5 @@ def metric_apply(v, samples, *, kernel: Kernel, basis: NystromBasis, lam: float 
     -------
     array, shape (q,)
     """
-    _one_of(jacobian, vjp)
-    ctx, (v, jacobian) = _context(samples, basis, kernel, (v, jacobian), ("v", "jacobian"))
-    if v.ndim != 1:
-        raise ValueError(f"v must be 1-D (q,); got shape {tuple(v.shape)}")
-    lam = _check_nonneg(lam, "lam")
-    if jacobian is not None:
-        if _check_jacobian(jacobian, *ctx.samples.shape) != v.shape[0]:
-            raise ValueError(f"jacobian's last axis must match v: q = {v.shape[0]}")
-        cc, t = _accumulate(ctx, jacobian, chunk_size)
-    else:
-        cc, _ = _accumulate(ctx, chunk_size=chunk_size)
-        t = _call_vjp(ctx, vjp, v.shape[0])
-    t_white = whiten(cc, t, k=_k(ctx) if lam > 0 else None, lam=lam, rcond=rcond)
+    _, v, t_white = _whitened_system(samples, basis, kernel, v, "v", jacobian, vjp, lam, rcond, chunk_size)
     return t_white.T @ (t_white @ v)

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from ..bandwidth import AuthorsRule
-from ..estimator import damping_from_whitened, factorize_whitened, solve_whitened, whiten
 from ..kernels import Gaussian, Kernel
 from ..nystrom import NystromBasis, nystrom_basis
+from ..solve import damping_from_whitened, factorize_whitened, solve_whitened, whiten
 from ._batched import _work_dtype, flatten_outputs, jacobian_vjp_rows
 from ._dist import Comm
 
