@@ -66,3 +66,18 @@ def test_as_float_matrix_checks():
         _backend.as_float_matrix(xp, np.array([[0.0, np.nan]]), "x")
     out = _backend.as_float_matrix(xp, np.ones((2, 2), dtype=np.int64), "x")
     assert out.dtype == np.float64
+
+
+def test_mixed_devices_raise_value_error_naming_arguments():
+    xs = pytest.importorskip("array_api_strict")
+    import wngkernels as wk
+
+    cpu, other = xs.__array_namespace_info__().devices()[:2]
+    x = xs.asarray([[0.0, 1.0], [1.0, 0.0]], device=cpu)
+    y = xs.asarray([[1.0, 1.0]], device=other)
+    with pytest.raises(ValueError, match=r"arrays must be on one device \(x: .*, y: .*\)"):
+        wk.Gaussian(1.0).cross_hessian(x, y)
+    with pytest.raises(ValueError, match=r"arrays must be on one device \(samples: .*, grad: .*\)"):
+        wk.kwng_direction(xs.asarray([1.0, 2.0], device=other), x, kernel=wk.Gaussian(1.0),
+                          basis=wk.NystromBasis([0], [1]), eps=1e-3,
+                          jacobian=xs.asarray([[[1.0, 0.0]] * 2] * 2, device=cpu))
