@@ -17,6 +17,7 @@ __all__ = [
     "check_positive_scalar",
     "common_device",
     "device",
+    "in_namespace",
     "namespace",
     "require_finite",
     "result_float_dtype",
@@ -59,6 +60,14 @@ def namespace(*arrays: Any, names: tuple[str, ...] | None = None):
         return array_api_compat.array_namespace(*(a for _, a in present))
     except TypeError as exc:  # e.g. two array_api_strict namespaces of different versions
         raise TypeError(f"arrays do not share one namespace: {exc}") from None
+
+
+def in_namespace(obj: Any, xp) -> bool:
+    """Whether ``obj`` is an array of the namespace ``xp``."""
+    try:
+        return namespace(obj) is xp
+    except TypeError:
+        return False
 
 
 def common_device(xp, *arrays: Any, names: tuple[str, ...] | None = None):

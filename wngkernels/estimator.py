@@ -280,11 +280,7 @@ def _call_vjp(ctx: _Context, vjp: Callable, q: int | None):
     xp = ctx.xp
     n, d, m = ctx.shape
     t = vjp(ctx.rows(ctx.samples) / n)
-    try:
-        same = _backend.namespace(t) is xp
-    except TypeError:
-        same = False
-    if not same:
+    if not _backend.in_namespace(t, xp):
         raise TypeError(f"vjp must return an array of the samples' library; got {type(t).__name__}")
     if t.ndim != 2 or t.shape[0] != m or (q is not None and t.shape[1] != q):
         want = f"(M, q) = ({m}, {'q' if q is None else q})"
@@ -302,11 +298,7 @@ def _damping(xp, damping, t_white, q: int, dtype):
         if damping == "jacobian":
             return damping_from_whitened(t_white)
         raise ValueError(f"damping must be 'identity', 'jacobian' or a positive array (q,); got {damping!r}")
-    try:
-        same = _backend.namespace(damping) is xp
-    except TypeError:
-        same = False
-    if not same:
+    if not _backend.in_namespace(damping, xp):
         raise TypeError(f"damping array must come from the samples' library; got {type(damping).__name__}")
     if damping.ndim != 1 or damping.shape[0] != q:
         raise ValueError(f"damping must have shape (q,) = ({q},); got {tuple(damping.shape)}")

@@ -55,7 +55,7 @@ def coordinate_onehot(xp, dims, n: int, d: int, like, name: str = "dims"):
     namespace (kept on its device); ``E[m, a] = 1`` where ``a == dims[m]``, in
     ``like``'s dtype and on its device.
     """
-    on_device = not isinstance(dims, (np.ndarray, list, tuple)) and _in_namespace(dims, xp)
+    on_device = not isinstance(dims, (np.ndarray, list, tuple)) and _backend.in_namespace(dims, xp)
     if on_device:
         shape, lo, hi = tuple(dims.shape), None, None
         if dims.ndim == 1 and not xp.isdtype(dims.dtype, "integral"):
@@ -79,13 +79,6 @@ def coordinate_onehot(xp, dims, n: int, d: int, like, name: str = "dims"):
         idx = xp.asarray(idx, device=dev)
     cols = xp.arange(d, device=dev)
     return xp.astype(idx[:, None] == cols[None, :], like.dtype)
-
-
-def _in_namespace(obj, xp) -> bool:
-    try:
-        return _backend.namespace(obj) is xp
-    except TypeError:
-        return False
 
 
 class Kernel:
