@@ -21,6 +21,7 @@ import numpy as np
 import wngkernels
 from wngkernels.models import GaussianModel
 
+from . import _backends
 from ._backends import Backend
 
 
@@ -268,3 +269,24 @@ def matmul_chunked_case(be: Backend, size: Size, dtype: str = "float64"):
         return acc
 
     return _run(be, products)
+
+
+class Timed:
+    """Shared asv ``setup``: build the case ``build`` for (backend, size label); warm GPUs up.
+
+    Subclasses set ``sizes`` (label → size), ``params``, ``param_names`` and ``build`` (a case
+    builder of this module) and define one ``time_`` method calling ``self.run()``.
+    """
+
+    sizes: dict = {}
+    timeout = 1800  # the N = 1e5 cases take minutes on a small CPU
+
+    @staticmethod
+    def build(be, size):
+        raise NotImplementedError
+
+    def setup(self, backend, size):
+        be = _backends.get(backend)
+        self.run = type(self).build(be, type(self).sizes[size])
+        if be.is_gpu:
+            self.run()  # warm-up: CUDA context, cuBLAS handles, allocator

@@ -13,24 +13,7 @@ from . import _backends, _problems
 BACKENDS = list(_backends.BACKENDS)
 
 
-class _Timed:
-    """Shared ``setup``: build the case named by ``build`` for (backend, size label)."""
-
-    sizes: dict = {}
-    timeout = 1800  # the N = 1e5 cases take minutes on a small CPU
-
-    @staticmethod
-    def build(be, size):
-        raise NotImplementedError
-
-    def setup(self, backend, size):
-        be = _backends.get(backend)
-        self.run = type(self).build(be, type(self).sizes[size])
-        if be.is_gpu:
-            self.run()  # warm-up: CUDA context, cuBLAS handles, allocator
-
-
-class CCGram(_Timed):
+class CCGram(_problems.Timed):
     """``cc_gram(samples (N, d), kernel, basis)``: ``C Cᵀ`` accumulated over chunks of samples."""
 
     sizes = _problems.ESTIMATOR_SIZES
@@ -42,7 +25,7 @@ class CCGram(_Timed):
         self.run()
 
 
-class MatmulSameFlops(_Timed):
+class MatmulSameFlops(_problems.Timed):
     """The products of ``C Cᵀ`` alone (``2 M² N d`` FLOPs), ``cc_gram``'s chunks: its floor."""
 
     sizes = _problems.ESTIMATOR_SIZES
@@ -54,7 +37,7 @@ class MatmulSameFlops(_Timed):
         self.run()
 
 
-class KWNGPrimal(_Timed):
+class KWNGPrimal(_problems.Timed):
     """``kwng_direction`` with the Gaussian model's Jacobian, ``q = d + 1 <= M`` (primal form)."""
 
     sizes = _problems.ESTIMATOR_SIZES
@@ -66,7 +49,7 @@ class KWNGPrimal(_Timed):
         self.run()
 
 
-class KWNGDual(_Timed):
+class KWNGDual(_problems.Timed):
     """``kwng_direction`` through a VJP with ``q = 5000 > M`` (dual form)."""
 
     sizes = _problems.DUAL_SIZES

@@ -5,35 +5,27 @@ from __future__ import annotations
 from . import _backends, _problems
 
 
-class CrossHessianRows:
+class CrossHessianRows(_problems.Timed):
     """``Gaussian.cross_hessian_rows(points (M, d), dims, samples (N, d))`` -> ``(M, N, d)``."""
 
-    params = [list(_backends.BACKENDS), list(_problems.ROWS_SIZES)]
+    sizes = _problems.ROWS_SIZES
+    params = [list(_backends.BACKENDS), list(sizes)]
     param_names = ["backend", "size"]
     timeout = 600
-
-    def setup(self, backend, size):
-        be = _backends.get(backend)
-        self.run = _problems.cross_hessian_rows_case(be, _problems.ROWS_SIZES[size])
-        if be.is_gpu:
-            self.run()  # warm-up: CUDA context, kernels, allocator
+    build = staticmethod(_problems.cross_hessian_rows_case)
 
     def time_cross_hessian_rows(self, backend, size):
         self.run()
 
 
-class CrossHessian:
+class CrossHessian(_problems.Timed):
     """``Gaussian.cross_hessian(points (M, d), samples (N, d))`` -> ``(M, N, d, d)``."""
 
-    params = [list(_backends.BACKENDS), list(_problems.FULL_SIZES)]
+    sizes = _problems.FULL_SIZES
+    params = [list(_backends.BACKENDS), list(sizes)]
     param_names = ["backend", "size"]
     timeout = 600
-
-    def setup(self, backend, size):
-        be = _backends.get(backend)
-        self.run = _problems.cross_hessian_case(be, _problems.FULL_SIZES[size])
-        if be.is_gpu:
-            self.run()
+    build = staticmethod(_problems.cross_hessian_case)
 
     def time_cross_hessian(self, backend, size):
         self.run()

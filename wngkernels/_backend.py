@@ -17,6 +17,7 @@ __all__ = [
     "check_positive_scalar",
     "common_device",
     "device",
+    "float_pair",
     "in_namespace",
     "namespace",
     "require_finite",
@@ -139,3 +140,21 @@ def check_positive_scalar(value: Any, name: str) -> float:
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
     return v
+
+
+def float_pair(x, y, names: tuple[str, str] = ("x", "y")):
+    """Validate ``(n, d)`` and ``(m, d)`` arrays of one library and device.
+
+    Returns ``xp`` and both arrays in one floating dtype (:func:`result_float_dtype`).
+    """
+    xp = namespace(x, y, names=names)
+    common_device(xp, x, y, names=names)
+    dtype = result_float_dtype(xp, x, y)
+    x = as_float_matrix(xp, x, names[0], dtype)
+    y = as_float_matrix(xp, y, names[1], dtype)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same number of features d; "
+            f"got {x.shape[1]} and {y.shape[1]}"
+        )
+    return xp, x, y

@@ -19,19 +19,6 @@ from . import _backend
 __all__ = ["AuthorsRule", "MedianHeuristic"]
 
 
-def _pair(y, x):
-    xp = _backend.namespace(y, x, names=("y", "x"))
-    _backend.common_device(xp, y, x, names=("y", "x"))
-    dtype = _backend.result_float_dtype(xp, y, x)
-    y = _backend.as_float_matrix(xp, y, "y", dtype)
-    x = _backend.as_float_matrix(xp, x, "x", dtype)
-    if y.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"y and x must have the same number of features; got {y.shape[1]} and {x.shape[1]}"
-        )
-    return xp, y, x
-
-
 def _checked(value: float, rule: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(
@@ -66,7 +53,7 @@ class AuthorsRule:
 
     def __call__(self, y, x) -> float:
         """Bandwidth ``ℓ`` for basis points ``y`` ``(M, d)`` and samples ``x`` ``(N, d)``."""
-        xp, y, x = _pair(y, x)
+        xp, y, x = _backend.float_pair(y, x, names=("y", "x"))
         center = xp.mean(x, axis=0)
         mean_sq = xp.mean(xp.sum((y - center) ** 2, axis=1)) + xp.mean(
             xp.sum((x - center) ** 2, axis=1)
@@ -96,7 +83,7 @@ class MedianHeuristic:
 
     def __call__(self, y, x) -> float:
         """Bandwidth ``ℓ`` for basis points ``y`` ``(M, d)`` and samples ``x`` ``(N, d)``."""
-        xp, y, x = _pair(y, x)
+        xp, y, x = _backend.float_pair(y, x, names=("y", "x"))
         y = y[: self.max_points, :]
         x = x[: self.max_points, :]
         sq = xp.sum((y[:, None, :] - x[None, :, :]) ** 2, axis=-1)

@@ -33,21 +33,6 @@ def _check_bandwidth(bandwidth: Bandwidth) -> Bandwidth:
     return _backend.check_positive_scalar(bandwidth, "bandwidth")
 
 
-def _prepare(x, y, names=("x", "y")):
-    """Validate a pair of ``(n, d)``/``(m, d)`` arrays; return ``xp`` and float copies."""
-    xp = _backend.namespace(x, y, names=names)
-    _backend.common_device(xp, x, y, names=names)
-    dtype = _backend.result_float_dtype(xp, x, y)
-    x = _backend.as_float_matrix(xp, x, names[0], dtype)
-    y = _backend.as_float_matrix(xp, y, names[1], dtype)
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(
-            f"{names[0]} and {names[1]} must have the same number of features d; "
-            f"got {x.shape[1]} and {y.shape[1]}"
-        )
-    return xp, x, y
-
-
 def coordinate_onehot(xp, dims, n: int, d: int, like, name: str = "dims"):
     """Validate coordinate indices and return their one-hot matrix ``E`` ``(n, d)``.
 
@@ -151,7 +136,7 @@ class Kernel:
         array, shape (n, m)
             ``[n, m] = k(x_n, y_m)``.
         """
-        xp, x, y = _prepare(x, y)
+        xp, x, y = _backend.float_pair(x, y)
         u = x[:, None, :] - y[None, :, :]
         phi, _, _ = self.radial(xp, xp.vecdot(u, u), self._ell(x, y))
         return phi
@@ -169,7 +154,7 @@ class Kernel:
         array, shape (n, m, d)
             ``[n, m, a] = ∂_{x_a} k(x_n, y_m) = 2 φ'(s) (x_n − y_m)_a``.
         """
-        xp, x, y = _prepare(x, y)
+        xp, x, y = _backend.float_pair(x, y)
         u = x[:, None, :] - y[None, :, :]
         _, dphi, _ = self.radial(xp, xp.vecdot(u, u), self._ell(x, y))
         return 2 * dphi[..., None] * u
@@ -188,7 +173,7 @@ class Kernel:
             ``[n, m, a, b] = ∂_{x_a} ∂_{y_b} k(x_n, y_m)
             = −2 φ'(s) δ_ab − 4 φ''(s) u_a u_b`` with ``u = x_n − y_m``.
         """
-        xp, x, y = _prepare(x, y)
+        xp, x, y = _backend.float_pair(x, y)
         u = x[:, None, :] - y[None, :, :]
         _, dphi, d2phi = self.radial(xp, xp.vecdot(u, u), self._ell(x, y))
         eye = xp.eye(x.shape[1], dtype=x.dtype, device=_backend.device(x))
@@ -217,7 +202,7 @@ class Kernel:
             = −2 φ'(s) δ_{i_m b} − 4 φ''(s) u_{i_m} u_b``, ``u = x_m − y_n``;
             equal to ``cross_hessian(x, y)[m, n, dims[m], :]``.
         """
-        xp, x, y = _prepare(x, y)
+        xp, x, y = _backend.float_pair(x, y)
         onehot = coordinate_onehot(xp, dims, x.shape[0], x.shape[1], x)
         return self._rows(xp, x, onehot, y, self._ell(x, y))
 
@@ -255,7 +240,7 @@ class Kernel:
             ``[m, p] = ∂_{x_{i_m}} ∂_{y_{j_p}} k(x_m, y_p)``; with ``x = y`` the Nyström
             basis points this is the matrix ``K`` of DESIGN §2.
         """
-        xp, x, y = _prepare(x, y)
+        xp, x, y = _backend.float_pair(x, y)
         ex = coordinate_onehot(xp, dims_x, x.shape[0], x.shape[1], x, "dims_x")
         ey = coordinate_onehot(xp, dims_y, y.shape[0], y.shape[1], y, "dims_y")
         return self._selected(xp, x, ex, y, ey, self._ell(x, y))
