@@ -35,7 +35,7 @@ def dense_direction(grad, samples, jacobian, kernel, basis, eps, lam=0.0, dampin
     if isinstance(damping, str) and damping == "identity":
         d_inv = np.ones(q)
     elif isinstance(damping, str) and damping == "jacobian":
-        d_inv = np.sqrt(np.diag(g_hat))  # D = diag(Ĝ)^{-1/2}
+        d_inv = np.sqrt(np.diag(g_hat)) + 1e-8  # D = 1/(diag(Ĝ)^{1/2} + floor), the authors' guard
     else:
         d_inv = 1.0 / np.asarray(damping)
     return np.linalg.solve(g_hat + eps * np.diag(d_inv), np.asarray(grad, dtype=np.float64))

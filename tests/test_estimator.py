@@ -208,7 +208,7 @@ def _call(**over):
         (dict(eps=-1.0), ValueError, "eps must be a finite number > 0"),
         (dict(eps=float("nan")), ValueError, "eps must be a finite number > 0"),
         (dict(lam=-0.1), ValueError, "lam must be a finite number >= 0"),
-        (dict(damping=np.array([1.0, 1.0, 0.0, 1.0, 1.0])), ValueError, "damping must be finite and > 0"),
+        (dict(damping=np.array([1.0, 1.0, -1.0, 1.0, 1.0])), ValueError, "damping must be finite and >= 0"),
         (dict(damping=np.ones(4)), ValueError, r"damping must have shape \(q,\) = \(5,\)"),
         (dict(damping="diag"), ValueError, "damping must be 'identity', 'jacobian'"),
         (dict(basis=NystromBasis([0, 99], [0, 1])), ValueError, "basis indices must be < N = 40"),

@@ -133,6 +133,8 @@ def as_float_matrix(xp, x: Any, name: str, dtype=None, check_finite: bool = True
 
 def check_positive_scalar(value: Any, name: str) -> float:
     """Return ``value`` as a float, refusing non-numbers, non-finite values and values <= 0."""
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -43,6 +43,7 @@ from . import _backend
 from .kernels import Kernel, coordinate_onehot
 from .nystrom import NystromBasis
 from .solve import (
+    DAMPING_FLOOR,
     _check_nonneg,
     _check_positive,
     damping_from_whitened,
@@ -291,26 +292,27 @@ def _call_vjp(ctx: _Context, vjp: Callable, q: int | None):
     return t
 
 
-def _damping(xp, damping, t_white, q: int, dtype):
+def _damping(xp, damping, t_white, q: int, dtype, floor: float):
     if isinstance(damping, str):
         if damping == "identity":
             return None
         if damping == "jacobian":
-            return damping_from_whitened(t_white)
+            return damping_from_whitened(t_white, floor=floor)
         raise ValueError(f"damping must be 'identity', 'jacobian' or a positive array (q,); got {damping!r}")
     if not _backend.in_namespace(damping, xp):
         raise TypeError(f"damping array must come from the samples' library; got {type(damping).__name__}")
     if damping.ndim != 1 or damping.shape[0] != q:
         raise ValueError(f"damping must have shape (q,) = ({q},); got {tuple(damping.shape)}")
     damping = xp.astype(damping, dtype) if damping.dtype != dtype else damping
-    if not bool(xp.all(xp.isfinite(damping) & (damping > 0))):
-        raise ValueError("damping must be finite and > 0 everywhere")
+    if not bool(xp.all(xp.isfinite(damping) & (damping >= 0))):
+        raise ValueError("damping must be finite and >= 0 everywhere (0 excludes a parameter)")
     return damping
 
 
 def kwng_direction(grad, samples, *, kernel: Kernel, basis: NystromBasis, eps: float,
                    lam: float = 0.0, damping="identity", jacobian=None, vjp=None,
-                   rcond: float | None = None, chunk_size: int | None = None, form: str = "auto"):
+                   rcond: float | None = None, chunk_size: int | None = None, form: str = "auto",
+                   damping_floor: float = DAMPING_FLOOR):
     r"""The kernelized Wasserstein natural gradient :math:`w = (\hat G + \varepsilon D^{-1})^{-1} g`.
 
     Parameters
@@ -329,8 +331,9 @@ def kwng_direction(grad, samples, *, kernel: Kernel, basis: NystromBasis, eps: f
     lam : float
         RKHS regularisation :math:`\lambda \ge 0`; ``0`` gives the ridgeless form.
     damping : {"identity", "jacobian"} or array of shape (q,)
-        ``D``: identity; ``diag(Ĝ)^{-1/2}`` (:func:`damping_from_whitened`); or its
-        positive diagonal.
+        ``D``: identity; ``diag(Ĝ)^{-1/2}`` guarded by ``damping_floor``
+        (:func:`damping_from_whitened`: parameters the outputs do not see are excluded from
+        the solve and take the rule of :class:`WhitenedSolver`); or its diagonal, ``>= 0``.
     jacobian : array, shape (N, d, q), optional
         ``jacobian[n, i, :] = ∇_θ h_θ(Z_n)_i``.
     vjp : callable, optional
@@ -342,6 +345,9 @@ def kwng_direction(grad, samples, *, kernel: Kernel, basis: NystromBasis, eps: f
         Samples per chunk of :func:`cc_gram`.
     form : {"auto", "primal", "dual", "dual-qr"}
         See :func:`factorize_whitened`.
+    damping_floor : float
+        The guard of ``damping="jacobian"``, ``D_jj = 1/(‖T̃_j‖ + damping_floor)``; default
+        the authors' ``1e-8``.
 
     Returns
     -------
@@ -368,7 +374,7 @@ def kwng_direction(grad, samples, *, kernel: Kernel, basis: NystromBasis, eps: f
     ctx, grad, t_white = _whitened_system(samples, basis, kernel, grad, "grad", jacobian, vjp,
                                           lam, rcond, chunk_size)
     eps = _check_positive(eps, "eps")
-    dmp = _damping(ctx.xp, damping, t_white, grad.shape[0], grad.dtype)
+    dmp = _damping(ctx.xp, damping, t_white, grad.shape[0], grad.dtype, damping_floor)
     return solve_whitened(t_white, grad, eps=eps, damping=dmp, form=form)
 
 

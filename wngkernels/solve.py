@@ -12,6 +12,8 @@ from typing import Any
 from . import _backend
 
 __all__ = [
+    "DAMPING_FLOOR",
+    "UNSEEN_SHARE",
     "WhitenedSolver",
     "damping_from_whitened",
     "factorize_whitened",
@@ -71,31 +73,42 @@ def whiten(cc, t, *, k=None, lam: float = 0.0, rcond: float | None = None):
     return inv_sqrt[:, None] * (v.T @ t)
 
 
-def damping_from_whitened(t_white, *, floor: float | None = None):
+#: The authors' guard in ``D_jj = 1/(‖T̃_j‖ + floor)`` (their code's ``1e-8``), in the units of ``T̃``.
+DAMPING_FLOOR = 1e-8
+
+
+def damping_from_whitened(t_white, *, floor: float = DAMPING_FLOOR):
     r"""The Jacobian-norm damping :math:`D_{jj} = 1/(\lVert \tilde T_{:,j}\rVert + \delta)`.
 
-    That is :math:`D = \mathrm{diag}(\hat G)^{-1/2}` (what the authors' code uses), guarded
-    by :math:`\delta = ` ``floor · max_j ‖T̃[:, j]‖`` so a parameter the outputs ignore gets a
-    finite weight.
+    That is :math:`D = \mathrm{diag}(\hat G)^{-1/2}` with the authors' absolute guard
+    :math:`\delta` = ``floor``: the per-parameter gain is capped at ``1/floor``, so every
+    column with a norm far below ``floor`` — in an ill-conditioned network these are the
+    directions the preconditioning exists for — gets the same gain. ``floor`` is absolute, in
+    the units of :math:`\tilde T` (outputs per unit of parameter), as in the authors' code:
+    a guard relative to the largest norm flattens exactly those columns (mathematics page,
+    "Damping").
+
+    A column that is exactly zero belongs to a parameter the outputs do not depend on: the
+    metric says nothing about it, and ``1/floor`` would let it take over the step. Its entry
+    is ``0``, which the solver reads as *excluded*: the parameter is left out of the solve
+    and takes the gradient step of the unseen-parameter rule (:class:`WhitenedSolver`).
 
     Parameters
     ----------
     t_white : array, shape (M, q)
         :func:`whiten`'s output.
-    floor : float, optional
-        Relative guard; default ``sqrt(eps)`` of the dtype.
+    floor : float
+        The guard :math:`\delta > 0`; default :data:`~wngkernels.solve.DAMPING_FLOOR` (``1e-8``).
 
     Returns
     -------
     array, shape (q,)
-        Positive; all ones when ``T̃ = 0``.
+        ``1/(‖T̃_j‖ + floor)`` where the column is non-zero, ``0`` where it is zero.
     """
     xp = _backend.namespace(t_white, names=("t_white",))
-    floor = math.sqrt(_eps_floor(xp, t_white.dtype)) if floor is None else _check_nonneg(floor, "floor")
+    floor = _check_positive(floor, "floor")
     norms = xp.sqrt(xp.sum(t_white * t_white, axis=0))
-    top = xp.max(norms)
-    delta = xp.where(top > 0, floor * top, 1.0)
-    return xp.where(top > 0, 1.0 / (norms + delta), xp.ones_like(norms))
+    return xp.where(norms > 0, 1.0 / (norms + floor), 0.0)
 
 
 def _orthonormal_range(xp, a, passes: int = 2):
@@ -117,6 +130,30 @@ def _orthonormal_range(xp, a, passes: int = 2):
     return a
 
 
+#: The largest share of the step's norm that excluded (unseen) parameters may take.
+UNSEEN_SHARE = 0.5
+
+
+def _unseen_step(xp, w, grad, excluded):
+    r"""The rule for parameters excluded from the solve (``D_jj = 0``: the outputs do not see them).
+
+    ``w`` is the solved direction with them frozen (``w_U = 0``). They take the gradient step at
+    the gain the solve gave the rest, ``w_U = ρ g_U`` with ``ρ = ‖w_S‖ / ‖g_S‖``, so their
+    share of the step's norm is their share of the gradient's norm — shortened where needed so
+    that it never exceeds :data:`~wngkernels.solve.UNSEEN_SHARE`. ``w_S`` is untouched. Where
+    ``g_S = 0`` (nothing else to move) they take ``g_U`` itself. Branch-free: no device
+    synchronisation.
+    """
+    g_u = xp.where(excluded, grad, 0.0)
+    w_s, g_s = xp.sqrt(xp.sum(w * w)), xp.sqrt(xp.sum((grad - g_u) ** 2))
+    g_un = xp.sqrt(xp.sum(g_u * g_u))
+    rho = xp.where(g_s > 0, w_s / xp.where(g_s > 0, g_s, 1.0), 1.0)
+    # share ‖w_U‖/‖w‖ <= s  ⇔  ‖w_U‖ <= ‖w_S‖ · s/√(1 − s²)
+    cap = w_s * (UNSEEN_SHARE / math.sqrt(1.0 - UNSEEN_SHARE**2))
+    limit = xp.where((g_s > 0) & (g_un * rho > cap), cap / xp.where(g_un > 0, g_un, 1.0), rho)
+    return w + limit * g_u
+
+
 @dataclass(frozen=True)
 class WhitenedSolver:
     r"""``g ↦ (T̃ᵀT̃ + ε D⁻¹)⁻¹ g`` for any ``ε``, factorised once (:func:`factorize_whitened`).
@@ -127,6 +164,14 @@ class WhitenedSolver:
     A solve costs a few products with ``V`` (and ``Q``) — what a training loop needs between
     refreshes of ``T̃``, for any ``ε``.
 
+    **Excluded parameters.** Where ``D_jj = 0`` (:func:`damping_from_whitened` gives it to the
+    parameters the outputs do not see) the parameter is left out of the solve, then takes the
+    gradient step at the solved block's gain, ``w_U = ρ g_U`` with ``ρ = ‖w_S‖/‖g_S‖``, at most
+    :data:`~wngkernels.solve.UNSEEN_SHARE` of the step's norm. The metric holds no information about such a
+    parameter (its natural gradient is unbounded); this keeps it moving downhill without
+    letting it take over the clipped step, and leaves the rest of the direction exactly what
+    it would be with the parameter frozen.
+
     Attributes
     ----------
     vectors : array, shape (q, k)
@@ -134,7 +179,7 @@ class WhitenedSolver:
     values : array, shape (k,)
         ``μ >= 0``.
     root : array, shape (q,) or None
-        ``D^{1/2}``; ``None`` for ``D = I``.
+        ``D^{1/2}`` (zero on excluded parameters); ``None`` for ``D = I``.
     span : array, shape (q, M) or None
         ``Q`` in the dual form; ``None`` in the primal form, where ``V`` spans ``R^q``.
     """
@@ -146,7 +191,7 @@ class WhitenedSolver:
 
     def solve(self, grad, eps: float):
         """The direction ``w`` ``(q,)`` for the gradient ``grad`` ``(q,)`` and damping ``eps > 0``."""
-        _backend.namespace(grad, self.vectors, names=("grad", "vectors"))
+        xp = _backend.namespace(grad, self.vectors, names=("grad", "vectors"))
         eps = _check_positive(eps, "eps")
         q = self.vectors.shape[0]
         if grad.ndim != 1 or grad.shape[0] != q:
@@ -155,7 +200,9 @@ class WhitenedSolver:
         x = self.vectors @ ((self.vectors.T @ h) / (self.values + eps))
         if self.span is not None:
             x = x + (h - self.span @ (self.span.T @ h)) / eps
-        return x if self.root is None else self.root * x
+        if self.root is None:
+            return x
+        return _unseen_step(xp, self.root * x, grad, self.root == 0)
 
 
 def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> WhitenedSolver:
@@ -166,7 +213,8 @@ def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> Whitened
     t_white : array, shape (M, q)
         :math:`\tilde T` (:func:`whiten`).
     damping : array, shape (q,), optional
-        The positive diagonal of ``D``; ``None`` for ``D = I``.
+        The diagonal of ``D``, ``>= 0``; ``None`` for ``D = I``. Zeros exclude parameters from
+        the solve (see :class:`WhitenedSolver`).
     form : {"auto", "primal", "dual", "dual-qr"}
         ``"primal"`` eigen-decomposes the ``q × q`` matrix ``SᵀS``. The dual forms take ``Q``
         ``(q, M)`` orthonormal, spanning the range of ``Sᵀ``, and eigen-decompose the ``M × M``
@@ -213,7 +261,8 @@ def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto
     eps : float
         Damping :math:`\varepsilon > 0`.
     damping : array, shape (q,), optional
-        The positive diagonal of ``D``; ``None`` for ``D = I``.
+        The diagonal of ``D``, ``>= 0`` (zeros exclude parameters: :class:`WhitenedSolver`);
+        ``None`` for ``D = I``.
     form : {"auto", "primal", "dual", "dual-qr"}
         See :func:`factorize_whitened`.
 
@@ -234,6 +283,8 @@ def _check_positive(value, name):
 
 
 def _check_nonneg(value, name) -> float:
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -104,7 +104,7 @@ def dense_jacobian(model, x, params):
 
     with torch.no_grad():
         xs = f(*[p.detach() for p in params])
-    jac = torch.autograd.functional.jacobian(f, tuple(p.detach() for p in params))
+    jac = torch.autograd.functional.jacobian(f, tuple(p.detach() for p in params), vectorize=True)
     n, d = xs.shape
     return xs, torch.cat([j.reshape(n, d, -1) for j in jac], dim=2)
 

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import wngkernels.torch.preconditioner as pre  # noqa: E402
-from wngkernels import Gaussian, kwng_direction, solve_whitened  # noqa: E402
+from wngkernels import Gaussian, NystromBasis, kwng_direction, solve_whitened  # noqa: E402
 from wngkernels.torch import KWNG  # noqa: E402
 
 from .helpers import DEVICES, MODELS, dense_jacobian, make_model, rel_err, to_np  # noqa: E402
@@ -460,3 +460,71 @@ def test_repr_and_deepcopy():
     clone = copy.deepcopy(kwng)
     assert _equal_state(clone.state_dict(), kwng.state_dict())
     assert all(a is not b for a, b in zip(clone._params, kwng._params, strict=True))
+
+
+def _one_step(kwng, model, x, **kwargs):
+    out = model(x)
+    kwng.precondition(out, out.square().mean(), **kwargs)
+    return kwng.last_basis
+
+
+def test_default_generator_follows_torch_manual_seed():
+    """``generator=None`` draws from torch's default CPU generator, as dropout and shuffling do."""
+    model, x = make_model("mlp", torch.float64)
+    draws = {}
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        kwng = KWNG(model.parameters(), lr=0.1)
+        draws.setdefault(seed, []).append([_one_step(kwng, model, x) for _ in range(3)])
+    assert draws[0][0] == draws[0][1]
+    assert draws[0][0] != draws[1][0]
+    assert kwng.state_dict()["rng"] is None  # torch's own state is the caller's to save
+
+
+@pytest.mark.parametrize("make", [lambda: torch.Generator().manual_seed(3), lambda: np.random.default_rng(3),
+                                  lambda: 3], ids=["torch", "numpy", "int"])
+def test_private_generators_are_checkpointed_and_win_over_the_loaders(make):
+    model, x = make_model("mlp", torch.float64)
+    kwng = KWNG(model.parameters(), lr=0.1, generator=make())
+    _one_step(kwng, model, x)
+    state = kwng.state_dict()
+    want = [_one_step(kwng, model, x) for _ in range(3)]
+    for other in (None, 7, torch.Generator().manual_seed(9)):  # the checkpoint says where draws come from
+        fresh = KWNG(model.parameters(), lr=0.1, generator=other)
+        fresh.load_state_dict(state)
+        assert [_one_step(fresh, model, x) for _ in range(3)] == want
+
+
+def test_a_given_basis_is_used_and_forces_a_refresh(monkeypatch):
+    model, x = make_model("mlp", torch.float64)
+    params = list(model.parameters())
+    calls = []
+    real = pre.jacobian_vjp_rows
+    monkeypatch.setattr(pre, "jacobian_vjp_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kwng = KWNG(params, refresh_every=100, clip_norm=None, adaptive_eps=False, eps=1e-3, generator=0)
+    _one_step(kwng, model, x)
+    basis = NystromBasis(np.array([0, 3, 5, 7]), np.array([2, 0, 1, 2]))
+    for p in params:
+        p.grad = None
+    assert _one_step(kwng, model, x, basis=basis) is basis
+    assert len(calls) == 2  # refreshed although refresh_every=100
+    w = _grads(params)
+    g = torch.cat([gi.reshape(-1) for gi in torch.autograd.grad(model(x).square().mean(), params)])
+    samples, jac = dense_jacobian(model, x, params)
+    want = kwng_direction(g, samples, kernel=Gaussian(kwng.last_kernel.bandwidth), basis=basis, eps=1e-3,
+                          damping="jacobian", jacobian=jac)
+    assert rel_err(to_np(w), to_np(want)) < 1e-10
+
+
+def test_basis_errors():
+    model, x = make_model("mlp", torch.float64)
+    kwng = KWNG(model.parameters(), lr=0.1, accumulation_steps=2)
+    with pytest.raises(TypeError, match="basis must be a NystromBasis; got list"):
+        kwng.capture(model(x), basis=[0, 1])
+    with pytest.raises(ValueError, match="indices"):
+        kwng.capture(model(x), basis=NystromBasis(np.array([0, 99]), np.array([0, 0])))
+    kwng.capture(model(x), basis=NystromBasis(np.array([0, 1]), np.array([0, 0])))
+    with pytest.raises(ValueError, match="basis can only be given at the first micro-batch"):
+        kwng.capture(model(x), basis=NystromBasis(np.array([0, 1]), np.array([0, 0])))
+    with pytest.raises(TypeError, match="generator must be None, an int seed"):
+        KWNG(model.parameters(), generator="seed")

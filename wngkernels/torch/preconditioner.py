@@ -4,13 +4,15 @@ A preconditioner, not an optimizer (STYLE, "The PyTorch edge"): it rewrites each
 ``.grad`` with the KWNG direction :math:`w = (\hat G + \varepsilon D^{-1})^{-1} g` and any
 ``torch.optim`` optimizer steps as usual. Per step (DESIGN §6):
 
-1. ``capture(outputs)``: draw ``M`` basis pairs from the batch with the preconditioner's own
-   NumPy generator, resolve the bandwidth rule, form the cotangents and accumulate
+1. ``capture(outputs)``: draw ``M`` basis pairs from the batch (torch's default generator
+   unless ``generator`` is given), resolve the bandwidth rule, form the cotangents and accumulate
    :math:`\sum_n H_nH_n^\top` (for :math:`CC^\top`) and :math:`T` from one batched backward;
 2. the user's ``loss.backward()`` fills ``.grad`` with ``g`` (so DDP, AMP and accumulation keep
    working as they do without KWNG);
 3. ``step()``: :func:`~wngkernels.whiten` (ridgeless when ``lam = 0``),
-   :func:`~wngkernels.damping_from_whitened` (``D = diag(Ĝ)^{-1/2}``),
+   :func:`~wngkernels.damping_from_whitened` (``D = diag(Ĝ)^{-1/2}``, the authors' guard;
+   parameters the outputs do not see are excluded and take the rule of
+   :class:`~wngkernels.WhitenedSolver`),
    :func:`~wngkernels.solve_whitened`; fall back to ``g`` where ``⟨g, w⟩ ≤ 0`` or anything is
    non-finite; clip to ``clip_norm``; write ``.grad``; adapt ``ε``.
 
@@ -31,7 +33,7 @@ import torch
 from ..bandwidth import AuthorsRule
 from ..kernels import Gaussian, Kernel
 from ..nystrom import NystromBasis, nystrom_basis
-from ..solve import damping_from_whitened, factorize_whitened, solve_whitened, whiten
+from ..solve import DAMPING_FLOOR, damping_from_whitened, factorize_whitened, solve_whitened, whiten
 from ._batched import _work_dtype, flatten_outputs, jacobian_vjp_rows
 from ._dist import Comm
 
@@ -98,11 +100,51 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
+class _Draws:
+    """Where the basis draws come from: torch's default CPU generator (``None``), a
+    ``torch.Generator``, or a NumPy generator (or a seed for one)."""
+
+    def __init__(self, generator):
+        if generator is None or isinstance(generator, (torch.Generator, np.random.Generator)):
+            self.source = generator
+        elif isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+            self.source = np.random.default_rng(int(generator))
+        else:
+            raise TypeError("generator must be None, an int seed, a numpy.random.Generator or a "
+                            f"torch.Generator; got {type(generator).__name__}")
+
+    def rng(self) -> np.random.Generator:
+        """A NumPy generator for one basis draw (:func:`~wngkernels.nystrom_basis`)."""
+        if isinstance(self.source, np.random.Generator):
+            return self.source
+        dev = "cpu" if self.source is None else self.source.device
+        seed = torch.randint(0, 2**63 - 1, (), generator=self.source, device=dev)
+        return np.random.default_rng(int(seed))
+
+    def get_state(self):
+        if isinstance(self.source, np.random.Generator):
+            return copy.deepcopy(self.source.bit_generator.state)
+        return None if self.source is None else self.source.get_state()
+
+    def set_state(self, state) -> None:
+        """Restore :meth:`get_state`'s output; a checkpoint's kind of source wins over this one's."""
+        if state is None:
+            self.source = None
+        elif isinstance(state, torch.Tensor):
+            if not isinstance(self.source, torch.Generator):
+                self.source = torch.Generator()
+            self.source.set_state(state)
+        else:
+            if not isinstance(self.source, np.random.Generator):
+                self.source = np.random.Generator(getattr(np.random, state["bit_generator"])())
+            self.source.bit_generator.state = copy.deepcopy(state)
+
+
 @dataclass
 class _Pending:
     """What ``capture`` gathered since the last ``step``: local, unnormalised sums."""
 
-    rng_state: dict
+    rng_state: object
     refresh: bool
     active: tuple[int, ...]
     count: int = 0
@@ -150,6 +192,12 @@ class KWNG:
         RKHS regularisation :math:`\lambda \ge 0`; ``0`` is the ridgeless, whitened form.
     damping : {"jacobian", "identity"}
         ``D = diag(Ĝ)^{-1/2}`` (the authors' choice) or ``I``.
+    damping_floor : float
+        The guard of ``damping="jacobian"``: ``D_jj = 1/(‖T̃_j‖ + damping_floor)``, absolute, the
+        authors' ``1e-8`` (:func:`~wngkernels.damping_from_whitened`). Parameters whose column
+        of ``T̃`` is zero (the outputs do not depend on them: an auxiliary head, a learned loss
+        weight) are excluded from the solve and take the gradient step at the rest's gain, at
+        most half the step (:class:`~wngkernels.WhitenedSolver`).
     kernel : wngkernels.Kernel, optional
         Default ``Gaussian(AuthorsRule())``. A bandwidth rule is evaluated at each refresh on
         (basis points, outputs).
@@ -169,8 +217,12 @@ class KWNG:
     refresh_every : int
         Recompute ``T̃`` and ``D`` every ``k`` steps and reuse them in between, computing only
         ``g`` (no basis draw, no batched backward) on the other steps.
-    generator : int, numpy.random.Generator or None
-        Seed or NumPy generator for the basis (host-side: the same draws on every device).
+    generator : None, int, numpy.random.Generator or torch.Generator
+        Source of the basis draws. ``None``: torch's default CPU generator, so the draws follow
+        ``torch.manual_seed`` (as dropout and ``DataLoader`` shuffling do) and are the same on
+        every device; its state is the caller's to checkpoint (``torch.get_rng_state()``). An
+        int seeds a private NumPy generator; a generator is used as given. Private generators
+        are saved in :meth:`state_dict`.
     lr : float, callable or None
         Learning rate for the reduction ratio; default: read from ``optimizer.param_groups[0]``.
     optimizer : torch.optim.Optimizer, optional
@@ -215,7 +267,8 @@ class KWNG:
     """
 
     def __init__(self, params: Iterable, num_basis: int = 5, eps: Schedule = 1e-5, lam: Schedule = 0.0,
-                 damping: str = "jacobian", kernel: Kernel | None = None, adaptive_eps: bool = True,
+                 damping: str = "jacobian", damping_floor: float = DAMPING_FLOOR,
+                 kernel: Kernel | None = None, adaptive_eps: bool = True,
                  eps_bounds: tuple[float, float] = (1e-10, 1e5), eps_factor: float = 0.85, window: int = 5,
                  clip_norm: Schedule | None = 1.0, refresh_every: int = 1, generator=None,
                  lr: Schedule | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -228,6 +281,7 @@ class KWNG:
         if damping not in ("jacobian", "identity"):
             raise ValueError(f"damping must be 'jacobian' or 'identity'; got {damping!r}")
         self.damping = damping
+        self.damping_floor = _check_value(damping_floor, "damping_floor", positive=True)
         if kernel is None:
             kernel = Gaussian(AuthorsRule())
         if not isinstance(kernel, Kernel):
@@ -256,10 +310,7 @@ class KWNG:
             raise ValueError(f"vjp_mode must be 'auto', 'batched' or 'loop'; got {vjp_mode!r}")
         self.vjp_mode = vjp_mode
         self._comm = Comm(distributed, process_group)
-        if isinstance(generator, np.random.Generator):
-            self._rng = generator
-        else:
-            self._rng = np.random.default_rng(generator)
+        self._draws = _Draws(generator)
         self._step = 0
         self._eps_scale = 1.0
         self._ratio = _Ratio()
@@ -304,7 +355,8 @@ class KWNG:
         c = self._cache
         return c is None or c["active"] != active or self._step - c["step"] >= self.refresh_every
 
-    def capture(self, outputs, loss: torch.Tensor | None = None) -> None:
+    def capture(self, outputs, loss: torch.Tensor | None = None, *,
+                basis: NystromBasis | None = None) -> None:
         """Record a batch's outputs (and loss) before the user's ``backward``.
 
         Parameters
@@ -314,11 +366,20 @@ class KWNG:
         loss : Tensor, optional
             The scalar whose ``backward`` fills ``.grad`` (for the adaptive ``ε``). With
             accumulation, pass the loss you call ``backward`` on (usually divided by ``k``).
+        basis : NystromBasis, optional
+            Use these ``M`` pairs (indices into this batch, rank 0's under data parallel)
+            instead of drawing them, for controlled experiments; this step then refreshes
+            ``T̃`` and ``D`` whatever ``refresh_every`` says. Only at a step's first
+            micro-batch.
         """
         x = flatten_outputs(outputs)
         if loss is not None:
             _check_loss(loss)
+        if basis is not None and not isinstance(basis, NystromBasis):
+            raise TypeError(f"basis must be a NystromBasis; got {type(basis).__name__}")
         pend = self._pending
+        if basis is not None and pend is not None:
+            raise ValueError("basis can only be given at the first micro-batch of a step")
         if pend is not None and pend.count >= self.accumulation_steps:
             raise RuntimeError(
                 f"capture was called {pend.count + 1} times without step() "
@@ -331,10 +392,12 @@ class KWNG:
         dtype = _work_dtype(x, params)
         xd = x.detach().to(dtype)
         if pend is None:
-            pend = _Pending(rng_state=copy.deepcopy(self._rng.bit_generator.state),
-                            refresh=self._needs_refresh(active), active=active)
+            if basis is not None:
+                basis.check(*xd.shape)
+            pend = _Pending(rng_state=self._draws.get_state(), active=active,
+                            refresh=basis is not None or self._needs_refresh(active))
             if pend.refresh:
-                self._draw(pend, xd, sum(p.numel() for p in params))
+                self._draw(pend, xd, sum(p.numel() for p in params), basis)
             self._pending = pend
         elif pend.active != active:
             raise RuntimeError("the set of parameters requiring grad changed between micro-batches")
@@ -364,11 +427,11 @@ class KWNG:
         s = self.grad_scaler
         return float(s.get_scale()) if s is not None and s.is_enabled() else 1.0
 
-    def _draw(self, pend: _Pending, xd: torch.Tensor, q: int) -> None:
+    def _draw(self, pend: _Pending, xd: torch.Tensor, q: int, basis: NystromBasis | None) -> None:
         """Basis points and dims (rank 0's, broadcast) and the resolved kernel."""
         comm = self._comm
-        n, d = xd.shape
-        basis = nystrom_basis((n, d), self.num_basis, rng=self._rng)
+        if basis is None:
+            basis = nystrom_basis(tuple(xd.shape), self.num_basis, rng=self._draws.rng())
         dev = xd.device
         idx = torch.as_tensor(basis.indices.copy(), device=dev)
         points = xd.index_select(0, idx)
@@ -378,7 +441,7 @@ class KWNG:
             comm.broadcast_(points)
             comm.broadcast_(dims)
             finite = comm.sum_(finite) / comm.world_size
-        m = self.num_basis
+        m = basis.num_basis
         pend.cc = torch.zeros(m, m, dtype=xd.dtype, device=dev)
         pend.t = torch.zeros(m, q, dtype=xd.dtype, device=dev)
         pend.points, pend.dims = points, dims
@@ -457,7 +520,7 @@ class KWNG:
         n_tot, loss_sum, loss_count, bad, g_bad = stats.tolist()
         world = comm.world_size
         if g_bad > 0:  # the scaler skips this step; without one, no parameter moves
-            self._rng.bit_generator.state = pend.rng_state
+            self._draws.set_state(pend.rng_state)
             self.num_skipped += 1
             if self.grad_scaler is None or not self.grad_scaler.is_enabled():
                 for p in params:
@@ -495,7 +558,7 @@ class KWNG:
         self._step += 1
         return True
 
-    def precondition(self, outputs, loss: torch.Tensor) -> bool:
+    def precondition(self, outputs, loss: torch.Tensor, *, basis: NystromBasis | None = None) -> bool:
         """``capture(outputs, loss)``, ``loss.backward()`` (scaled by ``grad_scaler``), ``step()``.
 
         Parameters
@@ -504,6 +567,8 @@ class KWNG:
             ``h_θ(Z)`` ``(N, ...)``, attached to the graph that ``loss`` was computed from.
         loss : Tensor
             Scalar.
+        basis : NystromBasis, optional
+            As in :meth:`capture`.
 
         Returns
         -------
@@ -511,7 +576,7 @@ class KWNG:
             As :meth:`step`.
         """
         _check_loss(loss)
-        self.capture(outputs, loss)
+        self.capture(outputs, loss, basis=basis)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
         else:
@@ -527,7 +592,7 @@ class KWNG:
         if not (bool(torch.isfinite(cc).all()) and bool(torch.isfinite(t).all())):
             return None
         t_white = whiten(cc, t, k=k, lam=lam)
-        dmp = damping_from_whitened(t_white) if self.damping == "jacobian" else None
+        dmp = damping_from_whitened(t_white, floor=self.damping_floor) if self.damping == "jacobian" else None
         return {"t_white": t_white, "damping": dmp, "active": pend.active, "step": self._step}
 
     def _direction(self, g, params, present):
@@ -604,7 +669,7 @@ class KWNG:
             "num_skipped": self.num_skipped,
             "ratio": {"prev_loss": r.prev_loss, "prev_gw": r.prev_gw, "prev_lr": r.prev_lr,
                       "r_max": r.r_max, "count": r.count},
-            "rng": copy.deepcopy(self._rng.bit_generator.state),
+            "rng": self._draws.get_state(),
             "hyperparameters": {"lam": self._value(self.lam, "lam", False),
                                 "clip_norm": self._value(self.clip_norm, "clip_norm", True),
                                 "lr": self._current_lr(), "num_basis": self.num_basis,
@@ -627,7 +692,7 @@ class KWNG:
         self.num_skipped = int(state["num_skipped"])
         r = state["ratio"]
         self._ratio = _Ratio(r["prev_loss"], r["prev_gw"], r["prev_lr"], float(r["r_max"]), int(r["count"]))
-        self._rng.bit_generator.state = state["rng"]
+        self._draws.set_state(state["rng"])
         self._pending = None
         c = state.get("cache")
         if c is None:

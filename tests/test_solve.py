@@ -1,0 +1,103 @@
+"""The Jacobian-norm damping and the rule for parameters the outputs do not see (``wngkernels.solve``)."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import wngkernels as wk
+from wngkernels.solve import DAMPING_FLOOR, UNSEEN_SHARE
+
+
+def _graded(m=5, q=12, unseen=(3, 7), seed=0):
+    """``T̃`` whose column norms span 1 to 1e-14 (an ill-conditioned network's pattern), some zero."""
+    rng = np.random.default_rng(seed)
+    t_white = rng.normal(size=(m, q)) * np.logspace(0, -14, q)[None, :]
+    t_white[:, list(unseen)] = 0.0
+    return t_white, rng.normal(size=q)
+
+
+def test_damping_is_the_authors_absolute_guard_and_zero_on_unseen_columns(backend):
+    t_white, _ = _graded()
+    d = wk.damping_from_whitened(backend.asarray(t_white))
+    norms = np.linalg.norm(t_white, axis=0)
+    want = np.where(norms > 0, 1.0 / (norms + DAMPING_FLOOR), 0.0)
+    backend.assert_close(d, want)
+    # the guard is absolute: columns far below it all get the same gain 1/floor
+    tiny = norms < 1e-3 * DAMPING_FLOOR
+    assert tiny.sum() >= 3
+    np.testing.assert_allclose(backend.to_numpy(d)[tiny & (norms > 0)], 1 / DAMPING_FLOOR, rtol=1e-3)
+    backend.assert_close(wk.damping_from_whitened(backend.asarray(t_white), floor=0.5),
+                         np.where(norms > 0, 1.0 / (norms + 0.5), 0.0))
+
+
+@pytest.mark.parametrize("floor", [0.0, -1.0, float("nan"), "1e-8"])
+def test_damping_floor_must_be_positive(floor):
+    with pytest.raises((ValueError, TypeError), match="floor must be"):
+        wk.damping_from_whitened(np.ones((2, 3)), floor=floor)
+
+
+def _reference_unseen(t_white, g, eps, d):
+    """Dense float64: the solve over the seen columns, then ``w_U = ρ g_U`` capped at half the norm."""
+    seen = d > 0
+    ts = t_white[:, seen]
+    w = np.zeros_like(g)
+    w[seen] = np.linalg.solve(ts.T @ ts + eps * np.diag(1.0 / d[seen]), g[seen])
+    ws, gs, gu = np.linalg.norm(w[seen]), np.linalg.norm(g[seen]), np.linalg.norm(g[~seen])
+    rho = ws / gs if gs > 0 else 1.0
+    if gs > 0 and rho * gu > ws * UNSEEN_SHARE / np.sqrt(1 - UNSEEN_SHARE**2):
+        rho = ws * UNSEEN_SHARE / np.sqrt(1 - UNSEEN_SHARE**2) / gu
+    w[~seen] = rho * g[~seen]
+    return w
+
+
+@pytest.mark.parametrize("form", ["primal", "dual", "dual-qr"])
+def test_unseen_parameters_take_the_seen_gain_and_leave_the_rest_unchanged(form, backend):
+    t_white, g = _graded(q=12)
+    d = np.where(np.linalg.norm(t_white, axis=0) > 0, 1.0 / (np.linalg.norm(t_white, axis=0) + 1.0), 0.0)
+    want = _reference_unseen(t_white, g, 1e-2, d)
+    w = wk.solve_whitened(backend.asarray(t_white), backend.asarray(g), eps=1e-2,
+                          damping=backend.asarray(d), form=form)
+    backend.assert_close(w, want, rtol=1e-9 if backend.is_float64 else 2e-3,
+                         atol=0 if backend.is_float64 else 1e-4 * np.abs(want).max())
+
+
+@given(gain=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
+def test_unseen_share_never_exceeds_one_half_and_moves_downhill(gain, seed):
+    rng = np.random.default_rng(seed)
+    t_white, g = _graded(seed=seed)
+    g[[3, 7]] *= gain  # the unseen gradient from negligible to dominant
+    d = wk.damping_from_whitened(t_white)
+    w = wk.solve_whitened(t_white, g, eps=10.0 ** rng.uniform(-8, 0), damping=d)
+    unseen = d == 0
+    share = np.linalg.norm(w[unseen]) / np.linalg.norm(w)
+    assert 0 < share <= UNSEEN_SHARE * (1 + 1e-9)
+    assert np.dot(w[unseen], g[unseen]) > 0
+    np.testing.assert_allclose(w[unseen] / g[unseen], (w[unseen] / g[unseen])[0], rtol=1e-9)  # ∝ g_U
+
+
+def test_with_no_seen_gradient_the_unseen_take_the_gradient():
+    t_white, g = _graded()
+    d = wk.damping_from_whitened(t_white)
+    g = np.where(d == 0, g, 0.0)
+    np.testing.assert_array_equal(wk.solve_whitened(t_white, g, eps=1e-3, damping=d), g)
+
+
+def test_kwng_direction_with_jacobian_damping_uses_the_floor_and_the_rule():
+    """Through the public estimator: a parameter with a zero Jacobian column (the outputs ignore it)."""
+    rng = np.random.default_rng(3)
+    x, jac, g = rng.normal(size=(40, 3)), rng.normal(size=(40, 3, 6)), rng.normal(size=6)
+    jac[:, :, 4] = 0.0
+    basis = wk.nystrom_basis(x, 8, rng=0)
+    kernel = wk.Gaussian(wk.AuthorsRule())
+    w = wk.kwng_direction(g, x, kernel=kernel, basis=basis, eps=1e-4, damping="jacobian", jacobian=jac)
+    t_white = wk.whiten(wk.cc_gram(x, kernel=kernel, basis=basis), wk.t_matrix(x, kernel=kernel, basis=basis,
+                                                                               jacobian=jac))
+    norms = np.linalg.norm(t_white, axis=0)
+    assert norms[4] == 0 and norms.min(initial=np.inf, where=norms > 0) > 0
+    d = np.where(norms > 0, 1.0 / (norms + DAMPING_FLOOR), 0.0)
+    np.testing.assert_allclose(w, _reference_unseen(t_white, g, 1e-4, d), rtol=1e-8)
+    w_floor = wk.kwng_direction(g, x, kernel=kernel, basis=basis, eps=1e-4, damping="jacobian", jacobian=jac,
+                                damping_floor=0.3)
+    d = np.where(norms > 0, 1.0 / (norms + 0.3), 0.0)
+    np.testing.assert_allclose(w_floor, _reference_unseen(t_white, g, 1e-4, d), rtol=1e-8)
