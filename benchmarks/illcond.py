@@ -108,6 +108,7 @@ class AuthorsRecipe:
         self.r_max = 0.0
         self.count = 0
         self.fallbacks = 0
+        self.last_basis = None  # (indices, dims) of the last draw
 
     def _adapt(self, loss: float, lr: float) -> None:
         if self.prev_loss is not None and self.prev_gw > 0:
@@ -127,6 +128,7 @@ class AuthorsRecipe:
         m = self.num_basis
         idx = torch.randperm(n)[:m].to(x.device)
         dims = torch.randint(0, d, (m,)).to(x.device)
+        self.last_basis = (idx.cpu().numpy(), dims.cpu().numpy())
         diff = x.detach()[idx][:, None, :] - x[None, :, :]  # (M, N, d), Y_m − X_n, attached to X
         sq = (diff * diff).sum(-1)
         ell2 = sq.mean().detach()

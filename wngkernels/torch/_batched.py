@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["flatten_outputs", "jacobian_vjp_rows", "t_matrix_and_grad"]
+__all__ = ["batched_vjp", "flatten_outputs", "grad_only_through", "jacobian_vjp_rows", "t_matrix_and_grad"]
 
 _MODES = ("auto", "batched", "loop")
 
@@ -92,7 +92,70 @@ def _rows_from_grads(grads, params, m: int, dtype) -> torch.Tensor:
     return torch.cat(cols, dim=1)
 
 
-_warned_loop = False
+def grad_only_through(loss: torch.Tensor, outputs, params: Sequence[torch.Tensor]) -> bool:
+    """Whether ``loss.backward()`` would reach only ``params``, and those only through ``outputs``.
+
+    Two walks of the autograd graph: from ``loss``, stopping at the outputs' nodes, it must meet
+    no leaf (no ``AccumulateGrad`` node: no weight decay, auxiliary head or learned loss weight
+    in the loss); from the outputs, every leaf it meets must be one of ``params``. Then
+    ``∂loss/∂θ`` is the vector–Jacobian product of the outputs with ``∂loss/∂outputs`` and
+    nothing else would receive a gradient.
+    """
+    outs = _as_output_list(outputs)
+    stop = {o.grad_fn for o in outs}
+    if loss.grad_fn is None or None in stop:
+        return False
+
+    def leaves(starts, stop_at):
+        seen, stack, found = set(), list(starts), []
+        while stack:
+            node = stack.pop()
+            if node is None or node in stop_at or node in seen:
+                continue
+            seen.add(node)
+            if hasattr(node, "variable"):  # AccumulateGrad
+                found.append(node.variable)
+            stack.extend(fn for fn, _ in node.next_functions)
+        return found
+
+    if leaves([loss.grad_fn], stop):
+        return False
+    ids = {id(p) for p in params}
+    return all(id(v) in ids for v in leaves(stop, set()))
+
+
+def batched_vjp(outputs, pieces: list[torch.Tensor], params: Sequence[torch.Tensor], *, mode: str = "auto",
+                retain_graph: bool = True) -> list[torch.Tensor | None]:
+    """Per-parameter gradients ``(R, *p.shape)`` (``None`` if unreached) of ``R`` cotangent rows.
+
+    ``pieces`` holds one ``(R, *o.shape)`` cotangent per output. One batched backward
+    (``is_grads_batched``) or, in ``"loop"`` mode or where an operation has no batching rule
+    (``"auto"``, with one warning), ``R`` backward passes.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}; got {mode!r}")
+    outs = _as_output_list(outputs)
+    params = list(params)
+    if mode in ("auto", "batched"):
+        try:
+            return list(torch.autograd.grad(outs, params, grad_outputs=pieces, retain_graph=retain_graph,
+                                            allow_unused=True, is_grads_batched=True))
+        except RuntimeError as exc:
+            if mode == "batched":
+                raise
+            # the default warnings filter shows this once per call site
+            warnings.warn(
+                "wngkernels: the batched backward (is_grads_batched) failed on this graph "
+                f"({str(exc).splitlines()[0][:200]}); computing the rows with separate backward passes",
+                UserWarning, stacklevel=3,
+            )
+    r = pieces[0].shape[0]
+    per_row = []
+    for k in range(r):
+        per_row.append(torch.autograd.grad(outs, params, grad_outputs=[p[k] for p in pieces],
+                                           retain_graph=retain_graph or k < r - 1, allow_unused=True))
+    return [None if per_row[0][j] is None else torch.stack([g[j] for g in per_row])
+            for j in range(len(params))]
 
 
 def jacobian_vjp_rows(outputs, cotangents: torch.Tensor, params: Sequence[torch.Tensor], *,
@@ -124,38 +187,14 @@ def jacobian_vjp_rows(outputs, cotangents: torch.Tensor, params: Sequence[torch.
     -------
     Tensor, shape (M, q)
     """
-    global _warned_loop
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}; got {mode!r}")
     outs = _as_output_list(outputs)
     params = list(params)
-    m = cotangents.shape[0]
     if dtype is None:
-        dtype = torch.promote_types(params[0].dtype, params[0].dtype)
+        dtype = params[0].dtype
         for p in params[1:]:
             dtype = torch.promote_types(dtype, p.dtype)
-    pieces = _split_cotangents(outs, cotangents)
-    if mode in ("auto", "batched"):
-        try:
-            grads = torch.autograd.grad(outs, params, grad_outputs=pieces, retain_graph=True,
-                                        allow_unused=True, is_grads_batched=True)
-            return _rows_from_grads(grads, params, m, dtype)
-        except RuntimeError as exc:
-            if mode == "batched":
-                raise
-            if not _warned_loop:
-                _warned_loop = True
-                warnings.warn(
-                    "wngkernels: the batched backward (is_grads_batched) failed on this graph "
-                    f"({str(exc).splitlines()[0][:200]}); computing T with M separate backward passes",
-                    UserWarning, stacklevel=2,
-                )
-    rows = []
-    for k in range(m):
-        grads = torch.autograd.grad(outs, params, grad_outputs=[p[k] for p in pieces], retain_graph=True,
-                                    allow_unused=True)
-        rows.append(_rows_from_grads(grads, params, 1, dtype))
-    return torch.cat(rows, dim=0)
+    grads = batched_vjp(outs, _split_cotangents(outs, cotangents), params, mode=mode)
+    return _rows_from_grads(grads, params, cotangents.shape[0], dtype)
 
 
 def t_matrix_and_grad(outputs, loss: torch.Tensor, params: Sequence[torch.Tensor], *, kernel, basis,

@@ -34,7 +34,15 @@ from ..bandwidth import AuthorsRule
 from ..kernels import Gaussian, Kernel
 from ..nystrom import NystromBasis, nystrom_basis
 from ..solve import DAMPING_FLOOR, damping_from_whitened, factorize_whitened, solve_whitened, whiten
-from ._batched import _work_dtype, flatten_outputs, jacobian_vjp_rows
+from ._batched import (
+    _as_output_list,
+    _rows_from_grads,
+    _split_cotangents,
+    _work_dtype,
+    batched_vjp,
+    flatten_outputs,
+    grad_only_through,
+)
 from ._dist import Comm
 
 __all__ = ["KWNG"]
@@ -372,6 +380,13 @@ class KWNG:
             ``T̃`` and ``D`` whatever ``refresh_every`` says. Only at a step's first
             micro-batch.
         """
+        self._capture(outputs, loss, basis, fuse=False)
+
+    def _capture(self, outputs, loss, basis, fuse: bool) -> bool:
+        """:meth:`capture`; with ``fuse``, also ``loss``'s gradient where it can ride on ``T``'s backward.
+
+        Returns whether ``.grad`` received the loss's gradient (then no ``backward`` must follow).
+        """
         x = flatten_outputs(outputs)
         if loss is not None:
             _check_loss(loss)
@@ -414,18 +429,55 @@ class KWNG:
                 )
             if not bool(torch.isfinite(xd).all()):
                 pend.bad = True
-                return
+                return False
             rows = pend.kernel.cross_hessian_rows(pend.points, pend.dims, xd)  # (M, n, d)
             flat = rows.reshape(rows.shape[0], -1)
             pend.cc += flat @ flat.T
-            scale = self._loss_scale()
-            n = x.shape[0]
-            t = jacobian_vjp_rows(outputs, rows * (scale / n), params, mode=self.vjp_mode, dtype=dtype)
-            pend.t += t * (n / scale)
+            return self._backward(outputs, rows, loss if fuse else None, params, pend, dtype)
+        return False
 
-    def _loss_scale(self) -> float:
+    def _backward(self, outputs, rows, loss, params, pend: _Pending, dtype) -> bool:
+        """``T``'s rows into ``pend.t``; with a ``loss`` that reaches ``params`` only through the
+        outputs, its gradient as one more row of the same batched backward, accumulated into
+        ``.grad`` as ``loss.backward()`` would (scaled by the grad scaler's factor)."""
+        outs = _as_output_list(outputs)
+        scale = self._loss_scale(rows.device)
+        m, n = rows.shape[0], rows.shape[1]
+        pieces = _split_cotangents(outs, rows * (scale / n))
+        fused = loss is not None and self._can_fuse(loss, outs, params)
+        if fused:
+            loss_cot = torch.autograd.grad(loss, outs, retain_graph=True, allow_unused=True)
+            fused = all(c is not None for c in loss_cot)
+        if fused:
+            pieces = [torch.cat([p, (c * scale).to(p.dtype)[None]])
+                      for p, c in zip(pieces, loss_cot, strict=True)]
+        grads = batched_vjp(outs, pieces, params, mode=self.vjp_mode, retain_graph=not fused)
+        t_grads = [None if g is None else g[:m] for g in grads]
+        pend.t += _rows_from_grads(t_grads, params, m, dtype) * (n / scale)
+        if fused:
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.grad = g[m].clone() if p.grad is None else p.grad + g[m]
+        return fused
+
+    @staticmethod
+    def _can_fuse(loss, outs, params) -> bool:
+        """One backward for ``T`` and ``g`` is exact only where nothing else expects ``loss.backward()``:
+        no process group (DDP's reducer hooks the gradient accumulators), no hooks on the
+        parameters, and a loss that reaches only ``params``, only through the outputs."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return False
+        if any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params):
+            return False
+        return grad_only_through(loss, outs, params)
+
+    def _loss_scale(self, device) -> float:
+        """The grad scaler's factor (1 without one); initialises a fresh scaler on ``device``, as the
+        ``scaler.scale(loss)`` that a fused backward replaces would."""
         s = self.grad_scaler
-        return float(s.get_scale()) if s is not None and s.is_enabled() else 1.0
+        if s is None or not s.is_enabled():
+            return 1.0
+        return float(s.scale(torch.ones((), device=device)))
 
     def _draw(self, pend: _Pending, xd: torch.Tensor, q: int, basis: NystromBasis | None) -> None:
         """Basis points and dims (rank 0's, broadcast) and the resolved kernel."""
@@ -576,11 +628,13 @@ class KWNG:
             As :meth:`step`.
         """
         _check_loss(loss)
-        self.capture(outputs, loss, basis=basis)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        if basis is not None and not isinstance(basis, NystromBasis):
+            raise TypeError(f"basis must be a NystromBasis; got {type(basis).__name__}")
+        if not self._capture(outputs, loss, basis, fuse=True):
+            if self.grad_scaler is not None:
+                self.grad_scaler.scale(loss).backward()
+            else:
+                loss.backward()
         return self.step()
 
     def _whitened(self, cc, t, pend: _Pending):
