@@ -170,6 +170,18 @@ class AuthorsRecipe:
         return w, gw
 
 
+def train_step(model, opt, kwng, x, y) -> None:
+    """One step: forward, cross-entropy, backward (or ``kwng.precondition``), ``opt.step()``."""
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    opt.zero_grad()
+    if kwng is None:
+        loss.backward()
+    else:
+        kwng.precondition(out, loss)
+    opt.step()
+
+
 def seeded(seed: int):
     """A NumPy generator for batch orders, one per seed (the same batches for every method)."""
     return np.random.default_rng([seed, 2019])

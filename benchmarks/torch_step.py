@@ -1,135 +1,191 @@
-"""Step time of KWNG on the seed's ill-conditioned ResNet-18 (a script, not an asv suite).
+"""Step time of KWNG against plain SGD and the authors' recipe, in the same run on the same device.
 
-ResNet-18 (BasicBlock, [2, 2, 2, 2], CIFAR stem) on random CIFAR-shaped batches, logits scaled
-by ``logspace(-6, 1, 10)``; one step = forward, backward (and KWNG), ``SGD.step``. Prints one
-table: median ms/step and the ratio to plain SGD. Writes nothing unless ``--out``.
+One step = forward, backward (and the preconditioner), ``SGD.step``, on a fixed random batch;
+the median over ``--steps`` timed steps after ``--warmup``, GPU-synchronised. Methods:
+
+- ``sgd``: ``loss.backward()``;
+- ``authors M=k``: ``benchmarks/illcond.AuthorsRecipe`` — ``M`` backward passes for ``T``, then
+  the loss's backward, the authors' solve (the anchor every ratio is read against);
+- ``kwng M=k``: ``KWNG.precondition`` (one batched backward for ``T`` and ``g`` when the loss
+  reaches the parameters only through the outputs, as here);
+- ``kwng split M=k``: ``capture``, ``loss.backward()``, ``step`` (two backward passes);
+- ``kwng loop M=k``: ``vjp_mode="loop"``; ``kwng M=5 refresh=10``: ``refresh_every=10``.
+
+Models (``--model``): ``resnet18`` — the seed's ill-conditioned ResNet-18 (CIFAR stem, logits ×
+``logspace(-6, 1, 10)``), 3×32×32; ``resnet50`` — torchvision's ResNet-50 (10 classes) at
+3×64×64; ``vit`` — timm's ViT-Tiny (patch 16, 10 classes) at 3×224×224; ``lm`` — a 4-layer
+Transformer language model (width 256, vocabulary 1000, 64 tokens; the outputs are the logits
+of the last 8 positions). ``--compile`` wraps the model in ``torch.compile`` (default settings).
 
     python benchmarks/torch_step.py --device cuda
-    python benchmarks/torch_step.py --device cpu --quick
+    python benchmarks/torch_step.py --device cuda --model resnet50 --methods sgd,authors5,kwng5,refresh10
+    python benchmarks/torch_step.py --quick          # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from wngkernels.torch import KWNG
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from illcond import AuthorsRecipe, ResNet18  # noqa: E402
+
+from wngkernels.torch import KWNG  # noqa: E402
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+class TinyLM(nn.Module):
+    """A 4-layer causal Transformer language model; outputs the logits of the last ``tail`` tokens."""
+
+    def __init__(self, vocab: int = 1000, width: int = 256, layers: int = 4, tail: int = 8):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.short = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.zeros(1, 64, width))
+        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True)
+        self.body = nn.TransformerEncoder(layer, layers)
+        self.head = nn.Linear(width, vocab)
+        self.tail = tail
 
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
-
-
-class ResNet18(nn.Module):
-    """ResNet-18 for 32×32 inputs; logits scaled by ``logspace(-6, 1, classes)`` (the seed's construction)."""
-
-    def __init__(self, classes: int = 10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
-        layers, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(512, classes)
-        self.register_buffer("scale", torch.logspace(-6, 1, classes))
-
-    def forward(self, x):
-        z = F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
-        return self.fc(z) * self.scale
+    def forward(self, tokens):
+        n = tokens.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(n, device=tokens.device)
+        h = self.body(self.embed(tokens) + self.pos[:, :n], mask=mask, is_causal=True)
+        return self.head(h[:, -self.tail:])
 
 
-def train_step(model, opt, kwng, x, y) -> None:
-    """One step: forward, cross-entropy, backward (or ``kwng.precondition``), ``opt.step()``."""
-    out = model(x)
-    loss = F.cross_entropy(out, y)
-    opt.zero_grad()
-    if kwng is None:
-        loss.backward()
+def make_problem(name: str, device, batch: int, width: int = 64):
+    """``(model, inputs, targets, loss_fn)`` for one of the models."""
+    gen = torch.Generator().manual_seed(0)
+    if name == "resnet18":
+        model = ResNet18(width=width)
+        x = torch.randn(batch, 3, 32, 32, generator=gen)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+    elif name == "resnet50":
+        import torchvision
+
+        model = torchvision.models.resnet50(num_classes=10)
+        x = torch.randn(batch, 3, 64, 64, generator=gen)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+    elif name == "vit":
+        import timm
+
+        model = timm.create_model("vit_tiny_patch16_224", num_classes=10)
+        x = torch.randn(batch, 3, 224, 224, generator=gen)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+    elif name == "lm":
+        model = TinyLM()
+        x = torch.randint(0, 1000, (batch, 64), generator=gen)
+        y = torch.randint(0, 1000, (batch, model.tail), generator=gen)
     else:
-        kwng.precondition(out, loss)
-    opt.step()
+        raise ValueError(f"unknown model {name!r}")
 
+    def loss_fn(out, y):
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
-def _time(make, device, steps: int, warmup: int, batch: int) -> float:
-    torch.manual_seed(0)
-    model = ResNet18().to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    kwng = make(model, opt)
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        train_step(model, opt, kwng, x, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return model.to(device).train(), x.to(device), y.to(device), loss_fn
 
 
 def _methods(quick: bool):
-    sizes = (5,) if quick else (5, 20, 64)
-    loops = (5,) if quick else (5, 64)
-    out = [("SGD", lambda m, o: None)]
-    for k in sizes:
-        out.append((f"KWNG M={k}", lambda m, o, k=k: KWNG(m.parameters(), num_basis=k, optimizer=o,
-                                                          vjp_mode="batched", generator=0)))
-    for k in loops:
-        out.append((f"M-loop M={k}", lambda m, o, k=k: KWNG(m.parameters(), num_basis=k, optimizer=o,
-                                                            vjp_mode="loop", generator=0)))
-    out.append(("KWNG M=5 refresh_every=10", lambda m, o: KWNG(m.parameters(), num_basis=5, optimizer=o,
-                                                               refresh_every=10, generator=0)))
+    """name → (kind, num_basis, KWNG options)."""
+    out = {"sgd": ("sgd", 0, {}), "authors5": ("authors", 5, {}), "kwng5": ("kwng", 5, {}),
+           "split5": ("split", 5, {}), "loop5": ("kwng", 5, {"vjp_mode": "loop"}),
+           "refresh10": ("kwng", 5, {"refresh_every": 10})}
+    if not quick:
+        out.update({"authors64": ("authors", 64, {}), "kwng64": ("kwng", 64, {}),
+                    "loop64": ("kwng", 64, {"vjp_mode": "loop"})})
     return out
+
+
+LABELS = {"sgd": "SGD", "authors5": "authors' recipe M=5", "kwng5": "KWNG M=5 (precondition)",
+          "split5": "KWNG M=5 split form (2 backward)", "loop5": "KWNG M=5 vjp_mode=loop",
+          "refresh10": "KWNG M=5 refresh_every=10", "authors64": "authors' recipe M=64",
+          "kwng64": "KWNG M=64 (precondition)", "loop64": "KWNG M=64 vjp_mode=loop"}
+
+
+def step_ms(kind, m, options, args, device) -> float:
+    torch.manual_seed(0)
+    model, x, y, loss_fn = make_problem(args.model, device, args.batch, args.width)
+    if args.compile:
+        model = torch.compile(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3)
+    kwng = KWNG(params, num_basis=m, optimizer=opt, **options) if kind in ("kwng", "split") else None
+    authors = AuthorsRecipe(params, num_basis=m) if kind == "authors" else None
+    times = []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        opt.zero_grad()
+        out = model(x)
+        loss = loss_fn(out, y)
+        if kind == "sgd":
+            loss.backward()
+        elif kind == "authors":
+            authors.step(out, loss, lr=1e-3)
+        elif kind == "split":
+            kwng.capture(out, loss)
+            loss.backward()
+            kwng.step()
+        else:
+            kwng.precondition(out, loss)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = "cuda" if torch.cuda.is_available() else "cpu"
     ap.add_argument("--device", default=default, choices=["cuda", "cpu"])
-    ap.add_argument("--steps", type=int, default=50, help="timed steps per method (median reported)")
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50", "vit", "lm"])
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per method (median reported)")
+    ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 3 steps, batch 16, M=5 only")
+    ap.add_argument("--width", type=int, default=64, help="resnet18's first-stage channels")
+    ap.add_argument("--methods", help="comma-separated subset of " + ", ".join(_methods(False)))
+    ap.add_argument("--compile", action="store_true", help="torch.compile(model), default settings")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: 2 steps, batch 8, width 8, M=5 only")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup, args.batch = 3, 1, 16
+        args.device, args.steps, args.warmup, args.batch, args.width = "cpu", 2, 1, 8, 8
+    methods = _methods(args.quick)
+    names = args.methods.split(",") if args.methods else list(methods)
+    unknown = [n for n in names if n not in methods]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {', '.join(methods)}")
     device = torch.device(args.device)
-    rows = [(name, _time(make, device, args.steps, args.warmup, args.batch))
-            for name, make in _methods(args.quick)]
-    base = rows[0][1]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"ResNet-18 (ill-conditioned logits), batch {args.batch}, {args.steps} steps, {name}, "
-          f"torch {torch.__version__}")
-    print(f"{'method':<28}{'ms/step':>10}{'× SGD':>8}")
-    for label, ms in rows:
-        print(f"{label:<28}{ms:>10.2f}{ms / base:>8.2f}")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rows = {n: step_ms(*methods[n], args, device) for n in names}
+    base = rows.get("sgd")
+    anchor = {5: rows.get("authors5"), 64: rows.get("authors64")}
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{args.model}{' (compiled)' if args.compile else ''}, batch {args.batch}, median of {args.steps} "
+          f"steps, {dev}, torch {torch.__version__}")
+    print("| method | ms/step | × SGD | × authors' recipe (same M) |\n|---|---|---|---|")
+    for n, ms in rows.items():
+        m = methods[n][1]
+        ref = anchor.get(m)
+        sgd = f"{ms / base:.2f}" if base else "—"
+        auth = f"{ms / ref:.2f}" if ref and n != "sgd" else "—"
+        print(f"| {LABELS[n]} | {ms:.2f} | {sgd} | {auth} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": name, "batch": args.batch, "steps": args.steps,
-                       "ms_per_step": dict(rows)}, f, indent=1)
+            json.dump({"device": dev, "model": args.model, "compile": args.compile, "batch": args.batch,
+                       "steps": args.steps, "ms_per_step": rows}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

@@ -529,3 +529,23 @@ def test_basis_errors():
         kwng.capture(model(x), basis=NystromBasis(np.array([0, 1]), np.array([0, 0])))
     with pytest.raises(TypeError, match="generator must be None, an int seed"):
         KWNG(model.parameters(), generator="seed")
+
+
+def test_an_exception_in_capture_discards_the_step_and_leaves_the_instance_usable():
+    model, x = make_model("mlp", torch.float64)
+    params = list(model.parameters())
+    kwng = KWNG(params, accumulation_steps=2, generator=0, lr=0.1)
+    state = kwng.state_dict()
+    kwng.capture(model(x))
+    with pytest.raises(ValueError, match="features per sample in every micro-batch"):
+        kwng.capture(torch.cat([model(x), model(x)], dim=1))  # d changed between micro-batches
+    assert kwng._pending is None and kwng.state_dict()["rng"] == state["rng"]  # rewound
+    with pytest.raises(RuntimeError, match=r"step\(\) needs capture"):
+        kwng.step()
+    for p in params:
+        p.grad = None
+    for _ in range(2):  # a fresh step from the start
+        out = model(x)
+        kwng.capture(out, out.square().mean() / 2)
+        (out.square().mean() / 2).backward()
+    assert kwng.step() and kwng.num_fallbacks == 0

@@ -125,37 +125,53 @@ def grad_only_through(loss: torch.Tensor, outputs, params: Sequence[torch.Tensor
 
 
 def batched_vjp(outputs, pieces: list[torch.Tensor], params: Sequence[torch.Tensor], *, mode: str = "auto",
-                retain_graph: bool = True) -> list[torch.Tensor | None]:
-    """Per-parameter gradients ``(R, *p.shape)`` (``None`` if unreached) of ``R`` cotangent rows.
+                retain_graph: bool = True) -> tuple[list[torch.Tensor | None], str]:
+    """Per-parameter gradients ``(R, *p.shape)`` (``None`` if unreached) of ``R`` cotangent rows,
+    and the mode that computed them (``"batched"`` or ``"loop"``).
 
     ``pieces`` holds one ``(R, *o.shape)`` cotangent per output. One batched backward
     (``is_grads_batched``) or, in ``"loop"`` mode or where an operation has no batching rule
-    (``"auto"``, with one warning), ``R`` backward passes.
+    (``"auto"``, with a warning; e.g. a ``torch.compile``-d model), ``R`` backward passes.
+    ``retain_graph=False`` frees the graph after the last pass (in ``"auto"`` mode only once the
+    batched pass has succeeded: a failed one must leave the graph to the loop).
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}; got {mode!r}")
     outs = _as_output_list(outputs)
     params = list(params)
+    try:
+        return _batched_vjp(outs, pieces, params, mode, retain_graph)
+    except RuntimeError as exc:
+        if "donated buffer" in str(exc):
+            raise RuntimeError(
+                "wngkernels: T needs several backward passes through this torch.compile-d graph "
+                "(retain_graph=True), which its donated buffers forbid; set "
+                "torch._functorch.config.donated_buffer = False before the compiled model's first call"
+            ) from exc
+        raise
+
+
+def _batched_vjp(outs, pieces, params, mode, retain_graph):
     if mode in ("auto", "batched"):
         try:
-            return list(torch.autograd.grad(outs, params, grad_outputs=pieces, retain_graph=retain_graph,
-                                            allow_unused=True, is_grads_batched=True))
+            retain = retain_graph or mode == "auto"  # the loop needs the graph should this fail midway
+            grads = torch.autograd.grad(outs, params, grad_outputs=pieces, allow_unused=True,
+                                        retain_graph=retain, is_grads_batched=True)
+            return list(grads), "batched"
         except RuntimeError as exc:
-            if mode == "batched":
+            if mode == "batched" or "donated buffer" in str(exc):
                 raise
             # the default warnings filter shows this once per call site
             warnings.warn(
                 "wngkernels: the batched backward (is_grads_batched) failed on this graph "
                 f"({str(exc).splitlines()[0][:200]}); computing the rows with separate backward passes",
-                UserWarning, stacklevel=3,
+                UserWarning, stacklevel=4,
             )
     r = pieces[0].shape[0]
-    per_row = []
-    for k in range(r):
-        per_row.append(torch.autograd.grad(outs, params, grad_outputs=[p[k] for p in pieces],
-                                           retain_graph=retain_graph or k < r - 1, allow_unused=True))
+    per_row = [torch.autograd.grad(outs, params, grad_outputs=[p[k] for p in pieces], allow_unused=True,
+                                   retain_graph=retain_graph or k < r - 1) for k in range(r)]
     return [None if per_row[0][j] is None else torch.stack([g[j] for g in per_row])
-            for j in range(len(params))]
+            for j in range(len(params))], "loop"
 
 
 def jacobian_vjp_rows(outputs, cotangents: torch.Tensor, params: Sequence[torch.Tensor], *,
@@ -193,7 +209,7 @@ def jacobian_vjp_rows(outputs, cotangents: torch.Tensor, params: Sequence[torch.
         dtype = params[0].dtype
         for p in params[1:]:
             dtype = torch.promote_types(dtype, p.dtype)
-    grads = batched_vjp(outs, _split_cotangents(outs, cotangents), params, mode=mode)
+    grads, _ = batched_vjp(outs, _split_cotangents(outs, cotangents), params, mode=mode)
     return _rows_from_grads(grads, params, cotangents.shape[0], dtype)
 
 

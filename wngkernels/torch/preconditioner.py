@@ -317,6 +317,7 @@ class KWNG:
         if vjp_mode not in ("auto", "batched", "loop"):
             raise ValueError(f"vjp_mode must be 'auto', 'batched' or 'loop'; got {vjp_mode!r}")
         self.vjp_mode = vjp_mode
+        self._vjp_used: str | None = None  # what "auto" resolved to on the first backward
         self._comm = Comm(distributed, process_group)
         self._draws = _Draws(generator)
         self._step = 0
@@ -411,11 +412,26 @@ class KWNG:
                 basis.check(*xd.shape)
             pend = _Pending(rng_state=self._draws.get_state(), active=active,
                             refresh=basis is not None or self._needs_refresh(active))
+        elif pend.active != active:
+            self._discard(pend)
+            raise RuntimeError("the set of parameters requiring grad changed between micro-batches; "
+                               "the step's captured micro-batches were discarded")
+        try:
+            return self._accumulate(pend, outputs, x, xd, loss, basis, params, dtype, fuse)
+        except BaseException:
+            self._discard(pend)  # no half-captured step is left behind to be stepped on
+            raise
+
+    def _discard(self, pend: _Pending) -> None:
+        """Forget a step's captured micro-batches and rewind a private generator to its start."""
+        self._pending = None
+        self._draws.set_state(pend.rng_state)
+
+    def _accumulate(self, pend, outputs, x, xd, loss, basis, params, dtype, fuse) -> bool:
+        if self._pending is None:
             if pend.refresh:
                 self._draw(pend, xd, sum(p.numel() for p in params), basis)
             self._pending = pend
-        elif pend.active != active:
-            raise RuntimeError("the set of parameters requiring grad changed between micro-batches")
         pend.count += 1
         pend.n += x.shape[0]
         if loss is not None:
@@ -451,7 +467,9 @@ class KWNG:
         if fused:
             pieces = [torch.cat([p, (c * scale).to(p.dtype)[None]])
                       for p, c in zip(pieces, loss_cot, strict=True)]
-        grads = batched_vjp(outs, pieces, params, mode=self.vjp_mode, retain_graph=not fused)
+        # "auto" settles on the mode that worked the first time, so later passes can free the graph
+        grads, self._vjp_used = batched_vjp(outs, pieces, params, mode=self._vjp_used or self.vjp_mode,
+                                            retain_graph=not fused)
         t_grads = [None if g is None else g[:m] for g in grads]
         pend.t += _rows_from_grads(t_grads, params, m, dtype) * (n / scale)
         if fused:
