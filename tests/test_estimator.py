@@ -218,7 +218,7 @@ def _call(**over):
         (dict(samples=np.full((40, 3), np.nan)), ValueError, "samples must be finite"),
         (dict(grad=np.array([0, 0, np.inf, 0, 0.0])), ValueError, "grad must be finite"),
         (dict(jacobian=np.full((40, 3, 5), np.nan)), ValueError, "jacobian must be finite"),
-        (dict(form="qr"), ValueError, "form must be 'auto', 'primal', 'dual' or 'dual-qr'"),
+        (dict(form="qr"), ValueError, "form must be one of 'auto', 'primal', 'dual', 'dual-qr', 'woodbury'"),
         (dict(chunk_size=0), ValueError, "chunk_size must be an int >= 1"),
     ],
 )

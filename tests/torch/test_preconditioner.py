@@ -157,7 +157,7 @@ def test_falls_back_to_g_when_w_is_not_a_descent_direction(monkeypatch):
     y = torch.randn(x.shape[0], dtype=torch.float64)
     class Ascent:  # a "solver" whose direction points uphill
         def __init__(self, *a, **k):
-            self.vectors = torch.zeros(1, dtype=torch.float64)
+            self.values = torch.zeros(1, dtype=torch.float64)
 
         def solve(self, g, eps):
             return -g

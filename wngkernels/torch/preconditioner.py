@@ -164,7 +164,8 @@ class _Pending:
     dims: torch.Tensor | None = None  # (M,)
     kernel: Kernel | None = None  # bandwidth resolved
     cc: torch.Tensor | None = None  # Σ_n H_n H_nᵀ (M, M)
-    t: torch.Tensor | None = None  # Σ_n Σ_i H_n[:, i] ∇θ X_{n,i}  (M, q)
+    t: torch.Tensor | None = None  # factor · Σ_n Σ_i H_n[:, i] ∇θ X_{n,i}  (M, q), from the first backward
+    factor: float = 1.0  # the cotangents' scale (loss scale / first micro-batch's N), undone in the whitening
 
 
 @dataclass
@@ -459,7 +460,9 @@ class KWNG:
         outs = _as_output_list(outputs)
         scale = self._loss_scale(rows.device)
         m, n = rows.shape[0], rows.shape[1]
-        pieces = _split_cotangents(outs, rows * (scale / n))
+        if pend.t is None:  # one scale for every micro-batch: T accumulates without rescaling passes
+            pend.factor = scale / n
+        pieces = _split_cotangents(outs, rows * pend.factor)
         fused = loss is not None and self._can_fuse(loss, outs, params)
         if fused:
             loss_cot = torch.autograd.grad(loss, outs, retain_graph=True, allow_unused=True)
@@ -471,7 +474,8 @@ class KWNG:
         grads, self._vjp_used = batched_vjp(outs, pieces, params, mode=self._vjp_used or self.vjp_mode,
                                             retain_graph=not fused)
         t_grads = [None if g is None else g[:m] for g in grads]
-        pend.t += _rows_from_grads(t_grads, params, m, dtype) * (n / scale)
+        t = _rows_from_grads(t_grads, params, m, dtype)
+        pend.t = t if pend.t is None else pend.t + t
         if fused:
             for p, g in zip(params, grads, strict=True):
                 if g is not None:
@@ -513,7 +517,6 @@ class KWNG:
             finite = comm.sum_(finite) / comm.world_size
         m = basis.num_basis
         pend.cc = torch.zeros(m, m, dtype=xd.dtype, device=dev)
-        pend.t = torch.zeros(m, q, dtype=xd.dtype, device=dev)
         pend.points, pend.dims = points, dims
         self.last_basis = basis
         if float(finite) < 1.0:
@@ -582,6 +585,8 @@ class KWNG:
                              dtype=torch.float64, device=dev)
         stats[4] = (~torch.isfinite(g)).any().to(torch.float64)
         cc, t = pend.cc, pend.t
+        if pend.refresh and t is None:  # no backward ran (non-finite outputs): zeros for the reduction
+            t = torch.zeros(cc.shape[0], sum(p.numel() for p in params), dtype=dtype, device=dev)
         comm = self._comm
         if comm.active and comm.world_size > 1:
             if pend.refresh:
@@ -602,29 +607,23 @@ class KWNG:
         loss_now = loss_sum / world if loss_count == want else None
         self._adapt(loss_now)
         if pend.refresh:
-            self._cache = None if bad else self._whitened(cc / n_tot, t / n_tot, pend)
+            self._cache = None if bad else self._whitened(cc / n_tot, t, pend, 1.0 / (pend.factor * n_tot))
         w = self._direction(g, params, present)
-        fallback = w is None
-        if not fallback:
-            gw = float(torch.dot(g, w))
-            fallback = not (math.isfinite(gw) and gw > 0 and bool(torch.isfinite(w).all()))
-        if fallback:
+        gw, norm = (math.nan, math.nan) if w is None else _dot_and_norm(g, w)
+        if not (math.isfinite(gw) and gw > 0 and math.isfinite(norm)):
             w = g
+            gw, norm = _dot_and_norm(g, g)
             self.num_fallbacks += 1
         clip = self._value(self.clip_norm, "clip_norm", True)
-        if clip is not None:
-            norm = float(torch.linalg.vector_norm(w))
-            if norm > clip:
-                w = w * (clip / norm)
+        if clip is not None and norm > clip:
+            w = w * (clip / norm)
+            gw *= clip / norm
         self._ratio.prev_loss = loss_now
-        self._ratio.prev_gw = float(torch.dot(g, w))
+        self._ratio.prev_gw = gw
         self._ratio.prev_lr = self._current_lr()
-        offset = 0
-        for j in present:
-            p = params[j]
-            k = p.numel()
-            p.grad.copy_(w[offset:offset + k].view_as(p.grad))
-            offset += k
+        grads = [params[j].grad for j in present]
+        pieces = torch.split(w, [p.numel() for p in grads])
+        _copy_all(grads, [v.view_as(p) for v, p in zip(pieces, grads, strict=True)])
         self._step += 1
         return True
 
@@ -655,15 +654,17 @@ class KWNG:
                 loss.backward()
         return self.step()
 
-    def _whitened(self, cc, t, pend: _Pending):
+    def _whitened(self, cc, t, pend: _Pending, scale: float):
+        """``T̃`` of ``scale · t`` and ``D``; ``None`` if ``C Cᵀ`` is not finite. A non-finite ``T``
+        shows up in the solve's result, which then falls back to ``g``."""
         lam = self._value(self.lam, "lam", False)
         k = None
         if lam > 0:
             k = pend.kernel.cross_hessian_selected(pend.points, pend.dims, pend.points, pend.dims)
             k = (k + k.T) / 2
-        if not (bool(torch.isfinite(cc).all()) and bool(torch.isfinite(t).all())):
+        if not bool(torch.isfinite(cc).all()):
             return None
-        t_white = whiten(cc, t, k=k, lam=lam)
+        t_white = whiten(cc, t, k=k, lam=lam, scale=scale)
         dmp = damping_from_whitened(t_white, floor=self.damping_floor) if self.damping == "jacobian" else None
         return {"t_white": t_white, "damping": dmp, "active": pend.active, "step": self._step}
 
@@ -675,8 +676,12 @@ class KWNG:
         if len(present) == len(params):
             # factorised once per refresh: between refreshes a step costs a few products
             solver = c.get("solver")
-            if solver is None or solver.vectors.dtype != g.dtype:
-                solver = factorize_whitened(tw.to(g.dtype), damping=None if dmp is None else dmp.to(g.dtype))
+            if solver is None or solver.values.dtype != g.dtype:
+                try:
+                    solver = factorize_whitened(tw.to(g.dtype), form=_form(tw),
+                                                damping=None if dmp is None else dmp.to(g.dtype))
+                except torch.linalg.LinAlgError:  # a non-finite T: the step falls back to g
+                    return None
                 c["solver"] = solver
             return solver.solve(g, self.current_eps())
         if len(present) < len(params):
@@ -686,8 +691,11 @@ class KWNG:
             keep = torch.as_tensor(keep, device=tw.device)
             tw = tw.index_select(1, keep)
             dmp = None if dmp is None else dmp.index_select(0, keep)
-        return solve_whitened(tw.to(g.dtype), g, eps=self.current_eps(),
-                              damping=None if dmp is None else dmp.to(g.dtype))
+        try:
+            return solve_whitened(tw.to(g.dtype), g, eps=self.current_eps(),
+                                  damping=None if dmp is None else dmp.to(g.dtype), form=_form(tw))
+        except torch.linalg.LinAlgError:
+            return None
 
     def _adapt(self, loss_now: float | None) -> None:
         st = self._ratio
@@ -785,6 +793,28 @@ class KWNG:
                 f"adaptive_eps={self.adaptive_eps}, clip_norm={show(self.clip_norm)}, "
                 f"refresh_every={self.refresh_every}, accumulation_steps={self.accumulation_steps}, "
                 f"step={self._step})")
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for all ``i``, as one fused launch where torch has it."""
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
+
+
+def _dot_and_norm(g: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
+    """``⟨g, w⟩`` and ``‖w‖`` (accumulated in float64: a long step never overflows), one host read.
+    A non-finite entry of ``w`` makes both non-finite."""
+    both = torch.stack([torch.dot(g, w).double(), torch.linalg.vector_norm(w, dtype=torch.float64)])
+    gw, norm = both.tolist()
+    return gw, norm
+
+
+def _form(t_white) -> str:
+    """The authors' Woodbury form where ``q > M`` (two passes over ``T̃`` per solve), else primal."""
+    return "woodbury" if t_white.shape[1] > t_white.shape[0] else "primal"
 
 
 def _check_loss(loss) -> None:
