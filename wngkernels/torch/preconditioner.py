@@ -678,7 +678,9 @@ class KWNG:
             solver = c.get("solver")
             if solver is None or solver.values.dtype != g.dtype:
                 try:
-                    solver = factorize_whitened(tw.to(g.dtype), form=_form(tw),
+                    # the stable dual form, not the authors' Woodbury form: on the seed's ResNet-18
+                    # (H100, float32) that one fell back to g 10 times a run (docs/benchmarks.md)
+                    solver = factorize_whitened(tw.to(g.dtype),
                                                 damping=None if dmp is None else dmp.to(g.dtype))
                 except torch.linalg.LinAlgError:  # a non-finite T: the step falls back to g
                     return None
@@ -693,7 +695,7 @@ class KWNG:
             dmp = None if dmp is None else dmp.index_select(0, keep)
         try:
             return solve_whitened(tw.to(g.dtype), g, eps=self.current_eps(),
-                                  damping=None if dmp is None else dmp.to(g.dtype), form=_form(tw))
+                                  damping=None if dmp is None else dmp.to(g.dtype))
         except torch.linalg.LinAlgError:
             return None
 
@@ -810,11 +812,6 @@ def _dot_and_norm(g: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
     both = torch.stack([torch.dot(g, w).double(), torch.linalg.vector_norm(w, dtype=torch.float64)])
     gw, norm = both.tolist()
     return gw, norm
-
-
-def _form(t_white) -> str:
-    """The authors' Woodbury form where ``q > M`` (two passes over ``T̃`` per solve), else primal."""
-    return "woodbury" if t_white.shape[1] > t_white.shape[0] else "primal"
 
 
 def _check_loss(loss) -> None:
