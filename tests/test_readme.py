@@ -18,6 +18,15 @@ def test_readme_numpy_example_runs_and_matches_the_closed_form(capsys):
     assert float(capsys.readouterr().out) == err
 
 
+def test_every_readme_python_block_runs_on_its_own():
+    for block in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S):
+        if "torch" in block:
+            import pytest
+
+            pytest.importorskip("torch")
+        exec(compile(block, str(README), "exec"), {})
+
+
 def test_readme_commands_are_marked_for_ci():
     text = README.read_text()
     for marker in ("<!-- main-command -->", "<!-- test-command -->"):

@@ -120,6 +120,7 @@ def test_zero_gradient_moves_nothing():
     kwng.precondition(out, 0.0 * out.sum())
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert kwng.num_fallbacks == 0  # w = 0 is the direction for g = 0, not a fallback
 
 
 def test_direction_is_clipped_to_clip_norm():

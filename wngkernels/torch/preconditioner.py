@@ -610,7 +610,7 @@ class KWNG:
             self._cache = None if bad else self._whitened(cc / n_tot, t, pend, 1.0 / (pend.factor * n_tot))
         w = self._direction(g, params, present)
         gw, norm = (math.nan, math.nan) if w is None else _dot_and_norm(g, w)
-        if not (math.isfinite(gw) and gw > 0 and math.isfinite(norm)):
+        if not (math.isfinite(gw) and math.isfinite(norm) and (gw > 0 or norm == 0)):  # g = 0 gives w = 0
             w = g
             gw, norm = _dot_and_norm(g, g)
             self.num_fallbacks += 1
