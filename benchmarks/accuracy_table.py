@@ -5,7 +5,7 @@ M = ⌊d√N⌋, ε ∈ {1e-3, 1e-5, 1e-8}, damping D = I and D = diag(Ĝ)^{-1/2
 seeds) relative error ‖w − G_W⁻¹g‖ / ‖G_W⁻¹g‖, float64 NumPy, Gaussian kernel with the authors'
 bandwidth rule, λ = 0. ``C Cᵀ`` and ``T`` are computed once per (model, d, N, seed) with the
 public building blocks, then solved for every (ε, damping) — the same arithmetic as
-``kwng_direction``. A column compares the Woodbury formula as written (DESIGN §2, D = I).
+``kwng_direction``. A column compares the Woodbury formula as written (the mathematics page, D = I).
 
 Usage::
 

@@ -96,3 +96,23 @@ def test_sphinx_build_has_no_warnings(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=DOCS.parent)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     assert (tmp_path / "html" / "index.html").is_file()
+
+
+def test_user_facing_text_cites_only_what_users_have():
+    """Docstrings, pages and the README cite the documentation, not the project's internal notes."""
+    root = DOCS.parent
+    files = [root / "README.md", *sorted((root / "wngkernels").rglob("*.py"))]
+    files += [p for p in sorted(DOCS.rglob("*")) if p.suffix in (".md", ".rst")
+              and not _SKIP_DIRS & set(p.relative_to(DOCS).parts)]
+    cited = [f"{p.relative_to(root)}:{i}" for p in files
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+             if re.search(r"\b(DESIGN|STYLE)\b", line)]
+    assert not cited, cited
+
+
+def test_wngkernels_torch_without_torch_names_the_extra():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "try:\n    import wngkernels.torch\nexcept ImportError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=DOCS.parent).stdout
+    assert 'pip install -c constraints.txt -e ".[torch]"' in out

@@ -157,15 +157,52 @@ def test_arrays_rejects_bad_backend_and_device():
         (["mnist", "--out", "x"], "invalid choice: 'mnist'"),
         (["consistency"], "the following arguments are required: --out"),
         (["consistency", "--backend", "jax", "--out", "x"], "invalid choice: 'jax'"),
-        (["trajectory", "--well-conditioned", "--out", "x"], "--well-conditioned applies to the class"),
+        (["trajectory", "--well-conditioned", "--out", "x"], "unrecognized arguments: --well-conditioned"),
         (["consistency", "--device", "cuda", "--out", "x"], "needs --backend torch or cupy"),
+        (["consistency", "--seed", "-1", "--out", "x"], "--seed: must be an integer >= 0; got -1"),
+        (["consistency", "--seed", "one", "--out", "x"], "--seed: must be an integer >= 0; got 'one'"),
+        (["consistency", "--out", ""], "--out: must name a directory; got an empty path"),
+        (["consistency", "--out", "{file}"], "is an existing file, not a directory"),
+        (["consistency", "--out", "{file}/sub"], "which is a file"),
     ],
 )
-def test_cli_bad_input_exits_with_message(argv, message, capsys):
+def test_cli_bad_input_exits_with_one_line_and_creates_nothing(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing created
+
+
+def test_cli_classification_without_torch_says_which_extra(capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(SystemExit) as exc:
+        main(["classification", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert 'classification needs torch: pip install -c constraints.txt -e ".[torch]"' in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_each_experiment_has_its_own_help(capsys):
+    texts = {}
+    for name in EXPERIMENTS:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        texts[name] = capsys.readouterr().out
+        assert "Needs:" in texts[name] and "Takes:" in texts[name] and "Writes into --out:" in texts[name]
+    assert len(set(texts.values())) == len(EXPERIMENTS)
+    assert "--well-conditioned" in texts["classification"]
+    assert all("--well-conditioned" not in t for n, t in texts.items() if n != "classification")
+    assert "PyTorch" in texts["classification"]
 
 
 def test_cli_runs_and_writes_outputs(tmp_path, capsys):

@@ -1,4 +1,6 @@
-r"""The KWNG estimator (DESIGN §2): cotangents, :math:`CC^\top`, :math:`K`, :math:`T`, the solve.
+r"""The KWNG estimator: cotangents, :math:`CC^\top`, :math:`K`, :math:`T`, the solve.
+
+The mathematics page ("The kernelized estimator") derives every formula below.
 
 Notation: samples :math:`X` ``(N, d)``; a Nyström basis of ``M`` pairs
 :math:`(Y_m, i_m)`; parameters :math:`\theta \in \mathbb{R}^q`.
@@ -25,7 +27,7 @@ eigen-decomposes :math:`S^\top S` (``q × q``). The *dual* form (``q > M``) take
 .. math:: (S^\top S + \varepsilon I)^{-1} h = \varepsilon^{-1}(h - QQ^\top h)
           + Q (Q^\top S^\top S Q + \varepsilon I)^{-1} Q^\top h ,
 
-which equals the Woodbury form of DESIGN §2 in exact arithmetic but never subtracts two
+which equals the Woodbury form of the mathematics page in exact arithmetic but never subtracts two
 nearly equal vectors and divides by :math:`\varepsilon`: ``Q`` is orthonormal to rounding,
 so the error stays bounded as :math:`\varepsilon \to 0`. ``Q`` comes from two passes of
 ``M × M`` Gram eigen-decompositions (matrix products only; ``form="dual-qr"`` uses a
@@ -230,7 +232,7 @@ def cc_gram(samples, *, kernel: Kernel, basis: NystromBasis, chunk_size: int | N
 def k_gram(samples, *, kernel: Kernel, basis: NystromBasis):
     r""":math:`K_{m,m'} = \partial_{x_{i_m}}\partial_{y_{i_{m'}}} k(Y_m, Y_{m'})`, shape ``(M, M)``.
 
-    The Gram matrix of the basis functions in the RKHS (the ``λ`` term of DESIGN §2).
+    The Gram matrix of the basis functions in the RKHS (the ``λ`` term of the estimator).
     """
     ctx, _ = _context(samples, basis, kernel)
     return _k(ctx)

@@ -184,7 +184,8 @@ class Kernel:
     def cross_hessian_rows(self, x, dims, y):
         r"""Rows of the cross Hessian selected by one coordinate per point of ``x``.
 
-        The form the estimator needs (DESIGN §2), computed without the ``d × d`` blocks:
+        The form the estimator needs (the mathematics page, "The kernelized estimator"),
+        computed without the ``d × d`` blocks:
 
         Parameters
         ----------
@@ -238,7 +239,7 @@ class Kernel:
         -------
         array, shape (M, P)
             ``[m, p] = ∂_{x_{i_m}} ∂_{y_{j_p}} k(x_m, y_p)``; with ``x = y`` the Nyström
-            basis points this is the matrix ``K`` of DESIGN §2.
+            basis points this is the matrix ``K`` of the estimator.
         """
         xp, x, y = _backend.float_pair(x, y)
         ex = coordinate_onehot(xp, dims_x, x.shape[0], x.shape[1], x, "dims_x")

@@ -2,7 +2,7 @@ r"""Closed-form models: samplers, ``h_θ``, Jacobians, exact ``G_W`` and natural
 
 For these location–scale models the velocity field :math:`x \mapsto \nabla_\theta h_\theta(z) u`
 is a gradient field, so :math:`G_W(\theta) = \mathbb{E}[\nabla_\theta h_\theta(Z)^\top
-\nabla_\theta h_\theta(Z)]` (DESIGN §4):
+\nabla_\theta h_\theta(Z)]` (the mathematics page, "The Wasserstein information matrix"):
 
 - :class:`GaussianModel`: ``X = a + r Z``, ``Z ~ N(0, I_d)``, ``θ = (a, r)``: ``G_W = diag(I_d, d)``;
 - :class:`HypersphereModel`: ``X = a + r Z``, ``Z`` uniform on ``S^{d-1}``: ``G_W = I_{d+1}``;

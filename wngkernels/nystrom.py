@@ -1,8 +1,8 @@
 """Nyström basis: ``M`` pairs (sample index, coordinate) that span the estimator's functions.
 
 The basis functions are :math:`\\partial_{i_m} k(Y_m, \\cdot)` with :math:`Y_m = X_{n_m}` one
-of the samples and :math:`i_m` one coordinate (DESIGN §2). Indices are drawn on the host
-with NumPy, so one seed gives the same basis on every backend.
+of the samples and :math:`i_m` one coordinate (the mathematics page, "The kernelized
+estimator"). Indices are drawn on the host with NumPy, so one seed gives the same basis on every backend.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 r"""Ill-conditioned classification: SGD, Adam and KWNG on scikit-learn's digits.
 
-The seed's construction (DESIGN §4): the logits ``h_θ(Z)`` of a network are multiplied, class
+The seed's construction: the logits ``h_θ(Z)`` of a network are multiplied, class
 by class, by ``U = logspace(-6, 1, C)``, so the loss ``ℓ(U h_θ(Z), Y)`` sees directions whose
 curvature differs by up to fourteen orders of magnitude. The Wasserstein geometry of the
 *scaled* outputs ``X = U h_θ(Z)`` compensates the scaling, the Euclidean one does not; so the
@@ -246,7 +246,7 @@ def _summary(rows):
     return out
 
 
-STYLE = {"sgd": "tab:red", "adam": "tab:orange", "kwng_identity": "tab:blue", "kwng_diag": "tab:green"}
+COLOURS = {"sgd": "tab:red", "adam": "tab:orange", "kwng_identity": "tab:blue", "kwng_diag": "tab:green"}
 
 
 def plot(rows, file, conditioning: str):
@@ -254,7 +254,7 @@ def plot(rows, file, conditioning: str):
     plt = _io.pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), sharey="row")
     for (name,), members in _io.group(rows, ("optimizer",)).items():
-        color = STYLE.get(name)
+        color = COLOURS.get(name)
         for row, key in enumerate(("train_loss", "test_acc")):
             by_step = {k[0]: [r[key] for r in v] for k, v in _io.group(members, ("step",)).items()}
             _io.band(axes[row][0], sorted(by_step), by_step, label=name, color=color, marker=None)

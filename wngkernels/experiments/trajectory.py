@@ -193,7 +193,7 @@ def _summary(rows, cfg: Config):
     return out
 
 
-STYLE = {"gd": ("tab:red", "-"), "ng_exact": ("k", "--"), "kwng": ("tab:blue", "-"),
+LINE_STYLES = {"gd": ("tab:red", "-"), "ng_exact": ("k", "--"), "kwng": ("tab:blue", "-"),
          "kwng_diag": ("tab:green", "-"), "kwng_theta": ("tab:purple", ":")}
 
 
@@ -203,7 +203,7 @@ def plot(rows, path, cfg: Config):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     _, target, s = _problem(cfg)
     for (method,), members in _io.group(rows, ("method",)).items():
-        color, ls = STYLE.get(method, (None, "-"))
+        color, ls = LINE_STYLES.get(method, (None, "-"))
         by_it = {k[0]: [r["loss"] for r in v] for k, v in _io.group(members, ("iter",)).items()}
         _io.band(ax1, sorted(by_it), by_it, label=method, color=color, ls=ls, marker=None)
         first_seed = members[0]["seed"]

@@ -1,4 +1,6 @@
-r"""The model's one entry into KWNG: ``T`` from vector–Jacobian products (DESIGN §2).
+r"""The model's one entry into KWNG: ``T`` from vector–Jacobian products.
+
+The mathematics page ("The kernelized estimator") defines ``T``.
 
 Row ``m`` of :math:`T` is the VJP of :math:`\theta \mapsto (h_\theta(Z_n))_n` with the cotangent
 ``A[m] = N⁻¹ ∂_{x_{i_m}} ∂_y k(Y_m, X_n)`` (:func:`wngkernels.cotangents`). All ``M`` rows come

@@ -1,6 +1,6 @@
 """``torch.distributed`` helpers: world size 1 whenever no process group is initialised.
 
-Data parallel KWNG (issue 4, STYLE "The PyTorch edge"): DDP all-reduces only what autograd
+Data parallel KWNG: DDP all-reduces only what autograd
 accumulates into ``.grad``; ``T`` and ``C Cᵀ`` come from ``autograd.grad`` and are reduced here,
 explicitly, and the basis is broadcast from rank 0.
 """

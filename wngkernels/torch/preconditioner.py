@@ -1,8 +1,8 @@
 r"""``KWNG``: the kernelized Wasserstein natural gradient as a PyTorch preconditioner.
 
-A preconditioner, not an optimizer (STYLE, "The PyTorch edge"): it rewrites each parameter's
+A preconditioner, not an optimizer: it rewrites each parameter's
 ``.grad`` with the KWNG direction :math:`w = (\hat G + \varepsilon D^{-1})^{-1} g` and any
-``torch.optim`` optimizer steps as usual. Per step (DESIGN §6):
+``torch.optim`` optimizer steps as usual. Per step (the PyTorch page of the documentation):
 
 1. ``capture(outputs)``: draw ``M`` basis pairs from the batch (torch's default generator
    unless ``generator`` is given), resolve the bandwidth rule, form the cotangents and accumulate
@@ -170,7 +170,7 @@ class _Pending:
 
 @dataclass
 class _Ratio:
-    """The reduction-ratio rule's memory (DESIGN §6)."""
+    """The reduction-ratio rule's memory."""
 
     prev_loss: float | None = None
     prev_gw: float | None = None
@@ -183,8 +183,9 @@ class KWNG:
     r"""Kernelized Wasserstein natural gradient preconditioner for any ``torch.optim`` optimizer.
 
     Rewrites ``p.grad`` with the KWNG direction :math:`w = (\hat G + \varepsilon D^{-1})^{-1} g`
-    (DESIGN §2, §6), where :math:`\hat G = T^\top (CC^\top + \lambda K)^\dagger T` is estimated
-    from the model's outputs on the batch. Hook-free: any differentiable model works.
+    (the mathematics page, "The kernelized estimator"), where
+    :math:`\hat G = T^\top (CC^\top + \lambda K)^\dagger T` is estimated from the model's outputs
+    on the batch. Hook-free: any differentiable model works.
 
     Parameters
     ----------
