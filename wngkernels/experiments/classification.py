@@ -252,7 +252,10 @@ COLOURS = {"sgd": "tab:red", "adam": "tab:orange", "kwng_identity": "tab:blue", 
 def plot(rows, file, conditioning: str):
     """Train loss and test accuracy against steps and against wall-clock seconds (2 × 2 panels)."""
     plt = _io.pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), sharey="row")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.8), sharey="row")
+    seeds = len({r["seed"] for r in rows})
     for (name,), members in _io.group(rows, ("optimizer",)).items():
         color = COLOURS.get(name)
         for row, key in enumerate(("train_loss", "test_acc")):
@@ -267,9 +270,18 @@ def plot(rows, file, conditioning: str):
         axes[1][col].set(xlabel=xlabel)
         for row in range(2):
             axes[row][col].grid(True, which="both", alpha=0.3)
+    low, high = axes[0][0].get_ylim()  # labels at 1, 2, 5 × 10^k, not only at the decades
+    ticks = [m * 10.0**k for k in range(-12, 6) for m in (1, 2, 5) if low <= m * 10.0**k <= high]
+    axes[0][0].yaxis.set_major_locator(FixedLocator(ticks))
+    axes[0][0].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[0][0].yaxis.set_minor_formatter(NullFormatter())
     axes[0][0].set_ylabel("train loss (full training set)")
     axes[1][0].set_ylabel("test accuracy")
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].set_title(f"against steps: median, band = IQR over {seeds} seeds", fontsize=9)
+    axes[0][1].set_title("against training time: median", fontsize=9)
+    handles, labels = axes[1][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"digits, {conditioning}-conditioned logits" + (" (× logspace(-6, 1, 10))"
                                                                  if conditioning == "ill" else ""))
+    fig.subplots_adjust(bottom=0.12, hspace=0.3)
     return _io.save_figure(fig, file)

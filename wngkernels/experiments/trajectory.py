@@ -193,31 +193,45 @@ def _summary(rows, cfg: Config):
     return out
 
 
-LINE_STYLES = {"gd": ("tab:red", "-"), "ng_exact": ("k", "--"), "kwng": ("tab:blue", "-"),
-         "kwng_diag": ("tab:green", "-"), "kwng_theta": ("tab:purple", ":")}
+#: method → (colour, line style, marker, legend label); the KWNG paths coincide, so markers tell them apart
+LINE_STYLES = {
+    "gd": ("tab:red", "-", None, "gd: gradient descent in ψ"),
+    "ng_exact": ("k", "--", None, "ng_exact: exact W natural gradient"),
+    "kwng": ("tab:blue", "-", "o", "kwng: KWNG in ψ, D = I"),
+    "kwng_diag": ("tab:green", "--", "s", "kwng_diag: KWNG in ψ, D = diag(Ĝ)^-1/2"),
+    "kwng_theta": ("tab:purple", ":", "^", "kwng_theta: KWNG in θ, mapped to ψ"),
+}
 
 
 def plot(rows, path, cfg: Config):
     """``trajectory.png``: loss versus iteration, and the path in ``(θ_fast, θ_slow)``."""
     plt = _io.pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11.5, 4.2))
     _, target, s = _problem(cfg)
-    for (method,), members in _io.group(rows, ("method",)).items():
-        color, ls = LINE_STYLES.get(method, (None, "-"))
+    seeds = len({r["seed"] for r in rows})
+    for offset, ((method,), members) in enumerate(_io.group(rows, ("method",)).items()):
+        color, ls, marker, label = LINE_STYLES.get(method, (None, "-", None, method))
         by_it = {k[0]: [r["loss"] for r in v] for k, v in _io.group(members, ("iter",)).items()}
-        _io.band(ax1, sorted(by_it), by_it, label=method, color=color, ls=ls, marker=None)
+        its = sorted(by_it)
+        every = (offset % 3 * max(len(its) // 30, 1), max(len(its) // 10, 1))  # staggered markers
+        _io.band(ax1, its, by_it, label=label, color=color, ls=ls, marker=marker, ms=4, markevery=every,
+                 mfc="none")
         first_seed = members[0]["seed"]
         path_rows = [r for r in members if r["seed"] == first_seed]
         ax2.plot([r["theta_fast"] for r in path_rows], [r["theta_slow"] for r in path_rows], color=color,
-                 ls=ls, lw=1.2, marker=".", ms=2, label=method)
+                 ls=ls, lw=1.2, marker=marker or ".", ms=4 if marker else 2, markevery=every if marker else 1,
+                 mfc="none", label=label)
     ax1.set(yscale="log", xlabel="iteration", ylabel=r"$W_2^2(\rho_\theta, \rho_{\theta^*})$",
-            title=f"loss (median, IQR over seeds), cond(s) = {cfg.cond:g}")
+            title=f"loss: median, band = IQR over {seeds} seeds; cond(s) = {cfg.cond:g}")
+    ax1.title.set_fontsize(9)
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=8)
     fast, slow = int(np.argmax(s)), int(np.argmin(s))
     ax2.plot([target[fast]], [target[slow]], "k*", ms=12, label="target")
     ax2.set(xlabel=f"θ[{fast}] (scale s = {s[fast]:.3g})", ylabel=f"θ[{slow}] (scale s = {s[slow]:.3g})",
-            title="path in θ: best- vs worst-scaled coordinate")
+            title="path in θ (first seed): best- vs worst-scaled coordinate")
+    ax2.title.set_fontsize(9)
+    ax2.legend(handles=ax2.get_lines()[-1:], fontsize=7, loc="lower right")  # the target; lines as left
     ax2.grid(True, alpha=0.3)
-    ax2.legend(fontsize=8)
+    ax1.legend(fontsize=7)
     return _io.save_figure(fig, path / "trajectory.png")
