@@ -27,7 +27,8 @@ KERNELS = [Gaussian(AuthorsRule()), RationalQuadratic(1.5, alpha=0.8)]
 @pytest.mark.parametrize("damping", ["identity", "jacobian", "array"])
 @pytest.mark.parametrize(
     ("q", "form"),
-    [(5, "primal"), (5, "dual"), (5, "dual-qr"), (30, "dual"), (30, "dual-qr"), (30, "primal"), (30, "auto")],
+    [(5, "primal"), (5, "dual"), (5, "dual-qr"), (30, "dual"), (30, "dual-qr"), (30, "primal"), (30, "auto"),
+     (30, "woodbury")],
 )
 def test_direction_matches_dense_reference(kernel, lam, damping, q, form):
     x, jac, g, basis = linear_problem(q=q)
@@ -253,7 +254,7 @@ def test_whiten_and_solve_validate():
 
 
 
-@pytest.mark.parametrize("form", ["primal", "dual", "dual-qr"])
+@pytest.mark.parametrize("form", ["primal", "dual", "dual-qr", "woodbury"])
 def test_factorized_solver_reuses_one_factorisation_for_every_eps(form, backend):
     rng = np.random.default_rng(11)
     t_white, g, dmp = rng.normal(size=(6, 9)), rng.normal(size=9), rng.uniform(0.5, 2.0, 9)

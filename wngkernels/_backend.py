@@ -131,16 +131,17 @@ def as_float_matrix(xp, x: Any, name: str, dtype=None, check_finite: bool = True
     return x
 
 
-def check_positive_scalar(value: Any, name: str) -> float:
-    """Return ``value`` as a float, refusing non-numbers, non-finite values and values <= 0."""
+def check_positive_scalar(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float, refusing non-numbers (strings and bools too), non-finite
+    values and values ``<= 0`` (``< 0`` with ``allow_zero``)."""
     if isinstance(value, (str, bytes, bool)):
         raise TypeError(f"{name} must be a real number; got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number; got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}; got {value!r}")
     return v
 
 

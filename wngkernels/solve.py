@@ -253,7 +253,8 @@ def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> Whitened
         on GPUs). ``"woodbury"`` is the authors' form (:class:`WhitenedSolver`): the fewest
         passes over ``T̃``, less accurate along the seen directions when ``ε`` is tiny.
         ``"auto"`` picks ``"primal"`` when ``q <= M``, else ``"dual"``.
-        ``docs/accuracy.md`` measures all of them.
+        ``docs/accuracy.md`` measures all of them (the Woodbury form is its column "the
+        Woodbury formula as written").
 
     Returns
     -------
@@ -321,12 +322,4 @@ def _check_positive(value, name):
 
 
 def _check_nonneg(value, name) -> float:
-    if isinstance(value, (str, bytes, bool)):
-        raise TypeError(f"{name} must be a real number; got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number; got {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-    return v
+    return _backend.check_positive_scalar(value, name, allow_zero=True)
