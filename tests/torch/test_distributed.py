@@ -94,3 +94,34 @@ def test_two_gloo_processes_equal_one_process_on_the_union_batch(tmp_path, accum
                        jacobian=jac)
     assert rel_err(res[0]["w"].numpy(), w.numpy()) < 1e-10
     assert np.all(np.isfinite(res[0]["w"].numpy()))
+
+
+def _short_worker(rank, port, out_dir):
+    """Rank 1 holds a last batch of 2 samples (N·d = 6 < M = 8); rank 0 a full one."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model, _ = make_model("mlp", torch.float64)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        kwng = KWNG(ddp.parameters(), num_basis=8, eps=1e-3, clip_norm=None, generator=5, lr=0.1)
+        x, y = _data()
+        xi, yi = (x[:10], y[:10]) if rank == 0 else (x[10:12], y[10:12])
+        out = ddp(xi)
+        kwng.precondition(out, _mse(out, yi))
+        torch.save({"w": torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
+                    "m": kwng.last_basis.num_basis, "short": kwng.num_short_batches},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_short_batch_on_one_rank_gives_every_rank_the_same_smaller_basis(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_short_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert res[0]["m"] == res[1]["m"] == 6  # the smallest N·d of the group, on every rank
+    assert res[0]["short"] == res[1]["short"] == 1
+    assert torch.equal(res[0]["w"], res[1]["w"]) and bool(torch.isfinite(res[0]["w"]).all())

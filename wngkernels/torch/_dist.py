@@ -53,6 +53,12 @@ class Comm:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
 
+    def min_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce ``tensor`` by minimum, in place."""
+        if self.active and self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group)
+        return tensor
+
     def sum_all(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sum-reduce several tensors of one dtype and device in one collective; new tensors."""
         sizes = [t.numel() for t in tensors]

@@ -194,7 +194,8 @@ class KWNG:
         ``"params"`` are read: the direction is one joint solve over all of them). Parameters
         with ``requires_grad=False`` and those whose ``.grad`` stays ``None`` are left alone.
     num_basis : int
-        ``M``, Nyström basis pairs drawn afresh at each refresh (paper: 5).
+        ``M``, Nyström basis pairs drawn afresh at each refresh (paper: 5); a batch with fewer
+        pairs ``N·d`` (a short last batch) uses them all (``num_short_batches`` counts it).
     eps : float or callable
         Damping :math:`\varepsilon > 0`, or a schedule ``eps(step)``. With ``adaptive_eps`` it is
         multiplied by the adapted factor.
@@ -257,6 +258,9 @@ class KWNG:
         Steps where ``g`` replaced ``w`` (``⟨g, w⟩ ≤ 0``, or ``T``/``w`` non-finite).
     num_skipped : int
         Steps with non-finite ``g``: no direction written.
+    num_short_batches : int
+        Refreshes whose batch had fewer pairs ``N·d`` than ``num_basis`` (a short last batch, on
+        any rank): the basis then has ``N·d`` pairs, the smallest over the ranks.
     last_basis : NystromBasis or None
         The last basis drawn (indices into rank 0's first micro-batch).
     last_kernel : Kernel or None
@@ -329,6 +333,7 @@ class KWNG:
         self._pending: _Pending | None = None
         self.num_fallbacks = 0
         self.num_skipped = 0
+        self.num_short_batches = 0
         self.last_basis: NystromBasis | None = None
         self.last_kernel: Kernel | None = None
         self._warned_lr = False
@@ -506,7 +511,7 @@ class KWNG:
         """Basis points and dims (rank 0's, broadcast) and the resolved kernel."""
         comm = self._comm
         if basis is None:
-            basis = nystrom_basis(tuple(xd.shape), self.num_basis, rng=self._draws.rng())
+            basis = nystrom_basis(tuple(xd.shape), self._pairs(xd), rng=self._draws.rng())
         dev = xd.device
         idx = torch.as_tensor(basis.indices.copy(), device=dev)
         points = xd.index_select(0, idx)
@@ -529,6 +534,17 @@ class KWNG:
             pend.bad = True
             return
         self.last_kernel = pend.kernel
+
+    def _pairs(self, xd: torch.Tensor) -> int:
+        """``M``, or fewer where a batch has fewer pairs ``N·d`` (a short last batch): every rank
+        takes the smallest ``N·d`` of the group, so all draw the same number. Counted."""
+        available = xd.shape[0] * xd.shape[1]
+        if self._comm.active and self._comm.world_size > 1:
+            available = int(self._comm.min_(torch.tensor([available], device=xd.device))[0])
+        if available < self.num_basis:
+            self.num_short_batches += 1
+            return available
+        return self.num_basis
 
     def _resolve(self, points: torch.Tensor, xd: torch.Tensor) -> Kernel:
         kernel, comm = self.kernel, self._comm
@@ -589,9 +605,11 @@ class KWNG:
         if pend.refresh and t is None:  # no backward ran (non-finite outputs): zeros for the reduction
             t = torch.zeros(cc.shape[0], sum(p.numel() for p in params), dtype=dtype, device=dev)
         comm = self._comm
+        t_factor = pend.factor  # T holds factor · Σ H ∇X, undone in the whitening
         if comm.active and comm.world_size > 1:
-            if pend.refresh:
-                cc, t = comm.sum_all([cc, t])
+            if pend.refresh:  # each rank scaled its cotangents by its own batch size: undo before the sum
+                cc, t = comm.sum_all([cc, t / t_factor])
+                t_factor = 1.0
             stats = comm.sum_(stats)  # float64: counts and the loss stay exact
         n_tot, loss_sum, loss_count, bad, g_bad = stats.tolist()
         world = comm.world_size
@@ -608,7 +626,7 @@ class KWNG:
         loss_now = loss_sum / world if loss_count == want else None
         self._adapt(loss_now)
         if pend.refresh:
-            self._cache = None if bad else self._whitened(cc / n_tot, t, pend, 1.0 / (pend.factor * n_tot))
+            self._cache = None if bad else self._whitened(cc / n_tot, t, pend, 1.0 / (t_factor * n_tot))
         w = self._direction(g, params, present)
         gw, norm = (math.nan, math.nan) if w is None else _dot_and_norm(g, w)
         if not (math.isfinite(gw) and math.isfinite(norm) and (gw > 0 or norm == 0)):  # g = 0 gives w = 0
@@ -750,6 +768,7 @@ class KWNG:
             "eps": self.current_eps(),
             "num_fallbacks": self.num_fallbacks,
             "num_skipped": self.num_skipped,
+            "num_short_batches": self.num_short_batches,
             "ratio": {"prev_loss": r.prev_loss, "prev_gw": r.prev_gw, "prev_lr": r.prev_lr,
                       "r_max": r.r_max, "count": r.count},
             "rng": self._draws.get_state(),
@@ -773,6 +792,7 @@ class KWNG:
         self._eps_scale = float(state["eps_scale"])
         self.num_fallbacks = int(state["num_fallbacks"])
         self.num_skipped = int(state["num_skipped"])
+        self.num_short_batches = int(state.get("num_short_batches", 0))
         r = state["ratio"]
         self._ratio = _Ratio(r["prev_loss"], r["prev_gw"], r["prev_lr"], float(r["r_max"]), int(r["count"]))
         self._draws.set_state(state["rng"])
