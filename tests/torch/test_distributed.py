@@ -35,13 +35,18 @@ def _mse(out, y):
     return ((out - y[:, None]) ** 2).mean()
 
 
-def _worker(rank, port, out_dir, accumulation):
+def _start(rank, port):
+    """Join the gloo group; the same float64 MLP on every rank, wrapped in DDP."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    model, _ = make_model("mlp", torch.float64)
+    return model, torch.nn.parallel.DistributedDataParallel(model)
+
+
+def _worker(rank, port, out_dir, accumulation):
+    model, ddp = _start(rank, port)
     try:
-        model, _ = make_model("mlp", torch.float64)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
         kwng = KWNG(ddp.parameters(), num_basis=6, eps=1e-3, clip_norm=None, generator=5, lr=0.1,
                     accumulation_steps=accumulation)
         x, y = _data()
@@ -98,12 +103,8 @@ def test_two_gloo_processes_equal_one_process_on_the_union_batch(tmp_path, accum
 
 def _short_worker(rank, port, out_dir):
     """Rank 1 holds a last batch of 2 samples (N·d = 6 < M = 8); rank 0 a full one."""
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    model, ddp = _start(rank, port)
     try:
-        model, _ = make_model("mlp", torch.float64)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
         kwng = KWNG(ddp.parameters(), num_basis=8, eps=1e-3, clip_norm=None, generator=5, lr=0.1)
         x, y = _data()
         xi, yi = (x[:10], y[:10]) if rank == 0 else (x[10:12], y[10:12])
