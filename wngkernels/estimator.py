@@ -345,7 +345,7 @@ def kwng_direction(grad, samples, *, kernel: Kernel, basis: NystromBasis, eps: f
         Spectral cut-off of :func:`whiten`.
     chunk_size : int, optional
         Samples per chunk of :func:`cc_gram`.
-    form : {"auto", "primal", "dual", "dual-qr", "woodbury"}
+    form : {"auto", "primal", "dual", "dual-qr"}
         See :func:`factorize_whitened`.
     damping_floor : float
         The guard of ``damping="jacobian"``, ``D_jj = 1/(‖T̃_j‖ + damping_floor)``; default

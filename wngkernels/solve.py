@@ -114,7 +114,7 @@ def damping_from_whitened(t_white, *, floor: float = DAMPING_FLOOR):
     return xp.where(norms > 0, 1.0 / (norms + floor), 0.0)
 
 
-_FORMS = ("auto", "primal", "dual", "dual-qr", "woodbury")
+_FORMS = ("auto", "primal", "dual", "dual-qr")
 
 
 def _orthonormal_range(xp, a, passes: int = 2):
@@ -178,26 +178,16 @@ class WhitenedSolver:
     letting it take over the clipped step, and leaves the rest of the direction exactly what
     it would be with the parameter frozen.
 
-    **The Woodbury form** (``rows`` set) keeps ``T̃`` itself and the eigen-decomposition
-    ``T̃ D T̃ᵀ = U diag(μ) Uᵀ`` (``M × M``), and computes, as the authors' code does,
-    ``w = D (g − T̃ᵀ U diag(1/(μ + ε)) Uᵀ T̃ D g) / ε``: two passes over ``T̃`` per solve and no
-    ``q × M`` factor to build, the cheapest form when ``q ≫ M``. It subtracts nearly equal
-    vectors along the ``M`` seen directions when ``ε ≪ μ`` (relative error there about
-    ``eps · μ / ε``), where the dual form does not.
-
     Attributes
     ----------
-    vectors : array, shape (q, k) or (M, M)
-        ``V`` (``k = q`` in the primal form, ``k = M`` in the dual form); ``U`` in the Woodbury
-        form.
+    vectors : array, shape (q, k)
+        ``V`` (``k = q`` in the primal form, ``k = M`` in the dual form).
     values : array, shape (k,)
         ``μ >= 0``.
     root : array, shape (q,) or None
         ``D^{1/2}`` (zero on excluded parameters); ``None`` for ``D = I``.
     span : array, shape (q, M) or None
         ``Q`` in the dual form; ``None`` in the primal form, where ``V`` spans ``R^q``.
-    rows : array, shape (M, q) or None
-        ``T̃`` in the Woodbury form; ``None`` otherwise.
     excluded : array of bool, shape (q,), or None
         Where ``D_jj = 0``; ``None`` when no parameter is excluded (the rule is then skipped).
     """
@@ -206,31 +196,22 @@ class WhitenedSolver:
     values: Any
     root: Any
     span: Any
-    rows: Any = None
     excluded: Any = None
 
     def solve(self, grad, eps: float):
         """The direction ``w`` ``(q,)`` for the gradient ``grad`` ``(q,)`` and damping ``eps > 0``."""
         xp = _backend.namespace(grad, self.vectors, names=("grad", "vectors"))
         eps = _check_positive(eps, "eps")
-        q = self.vectors.shape[0] if self.rows is None else self.rows.shape[1]
+        q = self.vectors.shape[0]
         if grad.ndim != 1 or grad.shape[0] != q:
             raise ValueError(f"grad must have shape (q,) = ({q},); got {tuple(grad.shape)}")
-        if self.rows is not None:  # the Woodbury form: two passes over T̃
-            d = None if self.root is None else self.root * self.root
-            u = self.vectors
-            z = u @ ((u.T @ (self.rows @ (grad if d is None else d * grad))) / (self.values + eps))
-            r = (grad - z @ self.rows) / eps  # g − T̃ᵀ (T̃DT̃ᵀ + εI)⁻¹ T̃ D g, over ε
-            return r if d is None else self._unseen(xp, d * r, grad)
         h = grad if self.root is None else self.root * grad
         x = self.vectors @ ((self.vectors.T @ h) / (self.values + eps))
         if self.span is not None:
             x = x + (h - self.span @ (self.span.T @ h)) / eps
         if self.root is None:
             return x
-        return self._unseen(xp, self.root * x, grad)
-
-    def _unseen(self, xp, w, grad):
+        w = self.root * x
         return w if self.excluded is None else _unseen_step(xp, w, grad, self.excluded)
 
 
@@ -244,17 +225,14 @@ def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> Whitened
     damping : array, shape (q,), optional
         The diagonal of ``D``, ``>= 0``; ``None`` for ``D = I``. Zeros exclude parameters from
         the solve (see :class:`WhitenedSolver`).
-    form : {"auto", "primal", "dual", "dual-qr", "woodbury"}
+    form : {"auto", "primal", "dual", "dual-qr"}
         ``"primal"`` eigen-decomposes the ``q × q`` matrix ``SᵀS``. The dual forms take ``Q``
         ``(q, M)`` orthonormal, spanning the range of ``Sᵀ``, and eigen-decompose the ``M × M``
         matrix ``QᵀSᵀSQ``: ``"dual"`` builds ``Q`` from two passes of ``M × M`` Gram
         eigen-decompositions (matrix products only: fast on GPUs), ``"dual-qr"`` from a
         Householder QR (the most accurate on strongly graded ``T̃``, but slow for tall matrices
-        on GPUs). ``"woodbury"`` is the authors' form (:class:`WhitenedSolver`): the fewest
-        passes over ``T̃``, less accurate along the seen directions when ``ε`` is tiny.
-        ``"auto"`` picks ``"primal"`` when ``q <= M``, else ``"dual"``.
-        ``docs/accuracy.md`` measures all of them (the Woodbury form is its column "the
-        Woodbury formula as written").
+        on GPUs). ``"auto"`` picks ``"primal"`` when ``q <= M``, else ``"dual"``.
+        ``docs/accuracy.md`` measures all of them.
 
     Returns
     -------
@@ -270,10 +248,6 @@ def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> Whitened
     excluded = None
     if damping is not None and bool(xp.any(damping == 0)):  # one host check per factorisation
         excluded = damping == 0
-    if form == "woodbury":
-        g_mm = t_white @ (t_white if damping is None else t_white * damping[None, :]).T
-        mu, u = xp.linalg.eigh((g_mm + g_mm.T) / 2)
-        return WhitenedSolver(u, xp.where(mu > 0, mu, 0.0), root, None, t_white, excluded)
     s = t_white if root is None else t_white * root[None, :]
     if form == "primal" or (form == "auto" and q <= m):
         mu, vectors = xp.linalg.eigh(s.T @ s)
@@ -283,7 +257,7 @@ def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> Whitened
         b = s @ basis  # (M, M): SQ, so QᵀSᵀSQ = bᵀb
         mu, u = xp.linalg.eigh(b.T @ b)
         vectors, span = basis @ u, basis
-    return WhitenedSolver(vectors, xp.where(mu > 0, mu, 0.0), root, span, None, excluded)
+    return WhitenedSolver(vectors, xp.where(mu > 0, mu, 0.0), root, span, excluded)
 
 
 def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto"):
@@ -302,7 +276,7 @@ def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto
     damping : array, shape (q,), optional
         The diagonal of ``D``, ``>= 0`` (zeros exclude parameters: :class:`WhitenedSolver`);
         ``None`` for ``D = I``.
-    form : {"auto", "primal", "dual", "dual-qr", "woodbury"}
+    form : {"auto", "primal", "dual", "dual-qr"}
         See :func:`factorize_whitened`.
 
     Returns

@@ -664,8 +664,6 @@ class KWNG:
             As :meth:`step`.
         """
         _check_loss(loss)
-        if basis is not None and not isinstance(basis, NystromBasis):
-            raise TypeError(f"basis must be a NystromBasis; got {type(basis).__name__}")
         if not self._capture(outputs, loss, basis, fuse=True):
             if self.grad_scaler is not None:
                 self.grad_scaler.scale(loss).backward()
@@ -697,8 +695,8 @@ class KWNG:
             solver = c.get("solver")
             if solver is None or solver.values.dtype != g.dtype:
                 try:
-                    # the stable dual form, not the authors' Woodbury form: on the seed's ResNet-18
-                    # (H100, float32) that one fell back to g 10 times a run (docs/benchmarks.md)
+                    # the stable dual form: the authors' Woodbury form, tried, fell back to g
+                    # 10 times a run on the seed's ResNet-18 (H100, float32; docs/benchmarks.md)
                     solver = factorize_whitened(tw.to(g.dtype),
                                                 damping=None if dmp is None else dmp.to(g.dtype))
                 except torch.linalg.LinAlgError:  # a non-finite T: the step falls back to g
