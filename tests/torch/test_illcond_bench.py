@@ -56,3 +56,24 @@ def test_quick_run_writes_table_csv_and_figure(tmp_path, capsys):
     for name in illcond_train.QUICK:
         assert f"| {name} |" in table
     assert "| method | best_test_acc |" in capsys.readouterr().out
+
+
+def test_evaluation_with_batch_statistics_leaves_the_running_statistics_alone():
+    torch.manual_seed(0)
+    model = illcond.ResNet18(width=4).train()
+    x, y = torch.randn(20, 3, 16, 16), torch.randint(0, 10, (20,))
+    model(x)                                   # running statistics away from their initial values
+    before = copy.deepcopy(model.state_dict())
+    loss, acc, loss_eval, acc_eval = illcond_train._evaluate(model, (x, y, x[:10], y[:10]), batch=10)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training
+    with torch.no_grad():                      # batch statistics of each batch of 10, computed directly
+        out = torch.cat([model(x[:10]), model(x[10:])])
+        model.load_state_dict(before)
+        model.eval()
+        out_eval = model(x)
+    assert loss == pytest.approx(float(F.cross_entropy(out, y)), rel=1e-5)
+    assert acc == pytest.approx(float((out[:10].argmax(1) == y[:10]).double().mean()))
+    assert loss_eval == pytest.approx(float(F.cross_entropy(out_eval, y)), rel=1e-5)
+    assert acc_eval == pytest.approx(float((out_eval[:10].argmax(1) == y[:10]).double().mean()))
