@@ -36,10 +36,13 @@ def _mse(out, y):
 
 
 def _start(rank, port):
-    """Join the gloo group; the same float64 MLP on every rank, wrapped in DDP."""
+    """Join the gloo group; the same float64 MLP on every rank, wrapped in DDP. A collective that
+    one rank misses fails after 60 s instead of hanging the test."""
+    import datetime
+
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     model, _ = make_model("mlp", torch.float64)
     return model, torch.nn.parallel.DistributedDataParallel(model)
 
@@ -126,3 +129,52 @@ def test_a_short_batch_on_one_rank_gives_every_rank_the_same_smaller_basis(tmp_p
     assert res[0]["m"] == res[1]["m"] == 6  # the smallest N·d of the group, on every rank
     assert res[0]["short"] == res[1]["short"] == 1
     assert torch.equal(res[0]["w"], res[1]["w"]) and bool(torch.isfinite(res[0]["w"]).all())
+
+
+def _disagree_worker(rank, port, out_dir):
+    """Two situations where the ranks' own data would lead them apart: every rank must take the
+    same decision (and none may wait for a collective that another skips)."""
+    from wngkernels import Gaussian, MedianHeuristic
+
+    model, ddp = _start(rank, port)
+    report = {}
+    try:
+        x, y = _data()
+        xi, yi = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        # 1. the median heuristic is evaluated on rank 0's batch, whose outputs are all equal
+        kwng = KWNG(ddp.parameters(), kernel=Gaussian(MedianHeuristic()), generator=5, lr=0.1)
+        out = ddp(xi)
+        if rank == 0:
+            out = out * 0.0 + 1.0
+        kwng.precondition(out, _mse(out, yi))
+        report["fallbacks"] = kwng.num_fallbacks
+        report["w"] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        # 2. the ranks' outputs have different d
+        kwng = KWNG(ddp.parameters(), generator=5, lr=0.1)
+        out = ddp(xi)
+        if rank == 1:
+            out = torch.cat([out, out], dim=1)
+        try:
+            kwng.capture(out, _mse(out, yi))
+            report["error"] = ""
+        except ValueError as exc:
+            report["error"] = str(exc)
+        report["pending"] = kwng._pending is None
+        torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_ranks_take_one_decision_where_their_data_would_split_them(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_disagree_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    # a degenerate bandwidth on rank 0 is every rank's fallback to g, the same g everywhere
+    assert res[0]["fallbacks"] == res[1]["fallbacks"] == 1
+    assert torch.equal(res[0]["w"], res[1]["w"])
+    # different d: every rank raises, naming the mismatch, and keeps no half-captured step
+    for r in res:
+        assert "same number of features d on every rank" in r["error"] and "3 to 6" in r["error"]
+        assert r["pending"]

@@ -245,8 +245,7 @@ def t_matrix_and_grad(outputs, loss: torch.Tensor, params: Sequence[torch.Tensor
     from ..estimator import cotangents as _cotangents
 
     x = flatten_outputs(outputs)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ValueError(f"loss must be a scalar tensor; got {getattr(loss, 'shape', type(loss).__name__)}")
+    _check_loss(loss)
     params = list(params)
     dtype = _work_dtype(x, params)
     cot = _cotangents(x.detach().to(dtype), kernel=kernel, basis=basis)
@@ -254,6 +253,14 @@ def t_matrix_and_grad(outputs, loss: torch.Tensor, params: Sequence[torch.Tensor
     grads = torch.autograd.grad(loss.reshape(()), params, retain_graph=True, allow_unused=True)
     g = _rows_from_grads(grads, params, 1, dtype)[0]
     return t, g
+
+
+def _check_loss(loss) -> None:
+    """``TypeError`` for a non-tensor, ``ValueError`` for a tensor of more than one element."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss must be a scalar tensor; got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"loss must be a scalar tensor; got shape {tuple(loss.shape)}")
 
 
 def _work_dtype(x: torch.Tensor, params) -> torch.dtype:

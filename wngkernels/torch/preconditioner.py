@@ -36,6 +36,7 @@ from ..nystrom import NystromBasis, nystrom_basis
 from ..solve import DAMPING_FLOOR, damping_from_whitened, factorize_whitened, solve_whitened, whiten
 from ._batched import (
     _as_output_list,
+    _check_loss,
     _rows_from_grads,
     _split_cotangents,
     _work_dtype,
@@ -103,7 +104,9 @@ def _check_value(value, name: str, *, positive: bool) -> float:
 
 
 def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= 1; got {value!r}")
+    if value < 1:
         raise ValueError(f"{name} must be an int >= 1; got {value!r}")
     return int(value)
 
@@ -130,22 +133,66 @@ class _Draws:
         return np.random.default_rng(int(seed))
 
     def get_state(self):
+        """``None`` (torch's default generator: the caller's to save), a ``torch.Generator``'s state
+        tensor, or a NumPy bit generator's state with its arrays as lists (any bit generator, and
+        ``torch.load(..., weights_only=True)`` reads it)."""
         if isinstance(self.source, np.random.Generator):
-            return copy.deepcopy(self.source.bit_generator.state)
+            return _plain(self.source.bit_generator.state)
         return None if self.source is None else self.source.get_state()
 
-    def set_state(self, state) -> None:
-        """Restore :meth:`get_state`'s output; a checkpoint's kind of source wins over this one's."""
+    def restored(self, state):
+        """The source :meth:`get_state`'s output describes, built apart from this one (so a bad
+        state changes nothing); ``ValueError`` if it is not such an output. A checkpoint's kind of
+        source wins over this one's; a ``torch.Generator`` keeps its device."""
         if state is None:
-            self.source = None
-        elif isinstance(state, torch.Tensor):
-            if not isinstance(self.source, torch.Generator):
-                self.source = torch.Generator()
-            self.source.set_state(state)
+            return None
+        try:
+            if isinstance(state, torch.Tensor):
+                dev = self.source.device if isinstance(self.source, torch.Generator) else "cpu"
+                gen = torch.Generator(device=dev)
+                gen.set_state(state)
+                return gen
+            bits = getattr(np.random, str(state["bit_generator"]))()
+            if not isinstance(bits, np.random.BitGenerator):
+                raise TypeError(state["bit_generator"])
+            bits.state = _arrays(state)
+            return np.random.Generator(bits)
+        except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
+            raise ValueError(f"state['rng'] is not a generator state saved by KWNG.state_dict() ({exc!r})"
+                             ) from None
+
+    def adopt(self, source) -> None:
+        """Take :meth:`restored`'s result; a generator of the same kind is set in place (it may be
+        the caller's)."""
+        if isinstance(source, torch.Generator) and isinstance(self.source, torch.Generator):
+            self.source.set_state(source.get_state())
+        elif (isinstance(source, np.random.Generator) and isinstance(self.source, np.random.Generator)
+              and type(source.bit_generator) is type(self.source.bit_generator)):
+            self.source.bit_generator.state = source.bit_generator.state
         else:
-            if not isinstance(self.source, np.random.Generator):
-                self.source = np.random.Generator(getattr(np.random, state["bit_generator"])())
-            self.source.bit_generator.state = copy.deepcopy(state)
+            self.source = source
+
+    def set_state(self, state) -> None:
+        """Restore :meth:`get_state`'s output."""
+        self.adopt(self.restored(state))
+
+
+def _plain(state):
+    """A bit generator's state with NumPy arrays as ``{"array": list, "dtype": str}``."""
+    if isinstance(state, dict):
+        return {k: _plain(v) for k, v in state.items()}
+    if isinstance(state, np.ndarray):
+        return {"array": state.tolist(), "dtype": str(state.dtype)}
+    return state
+
+
+def _arrays(state):
+    """:func:`_plain`'s inverse (states saved before it, with arrays left in, pass unchanged)."""
+    if isinstance(state, dict):
+        if set(state) == {"array", "dtype"}:
+            return np.asarray(state["array"], dtype=state["dtype"])
+        return {k: _arrays(v) for k, v in state.items()}
+    return state
 
 
 @dataclass
@@ -537,10 +584,16 @@ class KWNG:
 
     def _pairs(self, xd: torch.Tensor) -> int:
         """``M``, or fewer where a batch has fewer pairs ``N·d`` (a short last batch): every rank
-        takes the smallest ``N·d`` of the group, so all draw the same number. Counted."""
-        available = xd.shape[0] * xd.shape[1]
+        takes the smallest ``N·d`` of the group, so all draw the same number. Counted. Every rank
+        raises ``ValueError`` if the ranks' outputs have different ``d``."""
+        n, d = xd.shape
+        available = n * d
         if self._comm.active and self._comm.world_size > 1:
-            available = int(self._comm.min_(torch.tensor([available], device=xd.device))[0])
+            got = self._comm.min_(torch.tensor([available, d, -d], device=xd.device)).tolist()
+            available, low, high = got[0], got[1], -got[2]
+            if low != high:
+                raise ValueError(f"outputs must have the same number of features d on every rank; the ranks "
+                                 f"have d from {low} to {high}")
         if available < self.num_basis:
             self.num_short_batches += 1
             return available
@@ -563,9 +616,17 @@ class KWNG:
             if not math.isfinite(ell) or ell <= 0:
                 raise ValueError("AuthorsRule gave a degenerate bandwidth")
             return kernel.with_bandwidth(ell)
-        # another rule: rank 0 evaluates it on its own batch
-        ell = xd.new_tensor([kernel.resolve(points, xd).bandwidth if comm.rank == 0 else 0.0])
-        return kernel.with_bandwidth(float(comm.broadcast_(ell)[0]))
+        # another rule: rank 0 evaluates it on its own batch; a failure there (NaN) reaches every rank
+        ell = math.nan
+        if comm.rank == 0:
+            try:
+                ell = kernel.resolve(points, xd).bandwidth
+            except ValueError:
+                pass
+        ell = float(comm.broadcast_(xd.new_tensor([ell], dtype=torch.float64))[0])
+        if not math.isfinite(ell) or ell <= 0:
+            raise ValueError(f"the bandwidth rule gave a degenerate bandwidth on rank 0 ({ell})")
+        return kernel.with_bandwidth(ell)
 
     # -- step: reduce, solve, safety, write ---------------------------------------------------
 
@@ -637,10 +698,15 @@ class KWNG:
         if clip is not None and norm > clip:
             w = w * (clip / norm)
             gw *= clip / norm
+        grads = [params[j].grad for j in present]
+        if w is not g and not _fits(w, grads):  # a half-precision .grad would hold Inf: g instead
+            w, (gw, norm) = g, _dot_and_norm(g, g)
+            self.num_fallbacks += 1
+            if clip is not None and norm > clip:
+                w, gw = w * (clip / norm), gw * (clip / norm)
         self._ratio.prev_loss = loss_now
         self._ratio.prev_gw = gw
         self._ratio.prev_lr = self._current_lr()
-        grads = [params[j].grad for j in present]
         pieces = torch.split(w, [p.numel() for p in grads])
         _copy_all(grads, [v.view_as(p) for v, p in zip(pieces, grads, strict=True)])
         self._step += 1
@@ -784,25 +850,72 @@ class KWNG:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s output (not mutated); cached tensors go to the parameters' device."""
+        """Restore :meth:`state_dict`'s output (not mutated); cached tensors go to the parameters' device.
+
+        Everything is checked before anything changes: a state that is not a
+        :meth:`state_dict` of a KWNG over the same parameters with the same ``num_basis`` raises
+        ``ValueError`` (``TypeError`` if it is not a dict) and leaves this instance as it was.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from KWNG.state_dict(); got {type(state).__name__}")
+        missing = [k for k in ("step", "eps_scale", "num_fallbacks", "num_skipped", "ratio", "rng",
+                               "hyperparameters") if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {', '.join(map(repr, missing))}: not a KWNG.state_dict()")
         state = copy.deepcopy(state)
-        self._step = int(state["step"])
-        self._eps_scale = float(state["eps_scale"])
-        self.num_fallbacks = int(state["num_fallbacks"])
-        self.num_skipped = int(state["num_skipped"])
-        self.num_short_batches = int(state.get("num_short_batches", 0))
+        hyper = state["hyperparameters"]
+        saved_m = hyper.get("num_basis") if isinstance(hyper, dict) else None
+        if saved_m is not None and saved_m != self.num_basis:
+            raise ValueError(f"state was saved with num_basis={saved_m}; this KWNG has num_basis="
+                             f"{self.num_basis}: load it into a KWNG built with num_basis={saved_m}")
         r = state["ratio"]
-        self._ratio = _Ratio(r["prev_loss"], r["prev_gw"], r["prev_lr"], float(r["r_max"]), int(r["count"]))
-        self._draws.set_state(state["rng"])
+        if not isinstance(r, dict) or not {"prev_loss", "prev_gw", "prev_lr", "r_max", "count"} <= set(r):
+            raise ValueError("state['ratio'] must hold prev_loss, prev_gw, prev_lr, r_max and count")
+        step = _state_count(state["step"], "step")
+        ratio = _Ratio(*(_state_real(r[k], f"ratio.{k}") for k in ("prev_loss", "prev_gw", "prev_lr")),
+                       _state_real(r["r_max"], "ratio.r_max", False), _state_count(r["count"], "ratio.count"))
+        eps_scale = _state_real(state["eps_scale"], "eps_scale", False)
+        if not (math.isfinite(eps_scale) and eps_scale > 0):
+            raise ValueError(f"state['eps_scale'] must be a finite number > 0; got {eps_scale!r}")
+        counts = [_state_count(state[k], k) for k in ("num_fallbacks", "num_skipped")]
+        short = _state_count(state.get("num_short_batches", 0), "num_short_batches")
+        source = self._draws.restored(state["rng"])
+        cache = self._checked_cache(state.get("cache"), step)
+        # everything checked: commit
+        self._step, self._ratio, self._eps_scale = step, ratio, eps_scale
+        self.num_fallbacks, self.num_skipped = counts
+        self.num_short_batches = short
+        self._draws.adopt(source)
         self._pending = None
-        c = state.get("cache")
+        self._cache = cache
+
+    def _checked_cache(self, c, step: int):
+        """The cache of a state, on the parameters' device, after checking it fits these parameters."""
         if c is None:
-            self._cache = None
-        else:
-            dev = self._params[0].device
-            self._cache = {"t_white": c["t_white"].to(dev),
-                           "damping": None if c["damping"] is None else c["damping"].to(dev),
-                           "active": tuple(c["active"]), "step": int(c["step"])}
+            return None
+        if not isinstance(c, dict) or not {"t_white", "damping", "active", "step"} <= set(c):
+            raise ValueError("state['cache'] must be None or hold t_white, damping, active and step")
+        active = c["active"]
+        if (not isinstance(active, (list, tuple)) or not active
+                or not all(isinstance(i, int) and 0 <= i < len(self._params) for i in active)):
+            raise ValueError(f"state['cache']['active'] must list indices of this KWNG's {len(self._params)} "
+                             f"parameters; got {active!r}: the state comes from other parameters")
+        q = sum(self._params[i].numel() for i in active)
+        tw, dmp = c["t_white"], c["damping"]
+        if (not isinstance(tw, torch.Tensor) or tw.ndim != 2 or not 1 <= tw.shape[0] <= self.num_basis
+                or tw.shape[1] != q or not tw.is_floating_point()):
+            got = tuple(tw.shape) if isinstance(tw, torch.Tensor) else type(tw).__name__
+            raise ValueError(f"state['cache']['t_white'] must be a floating (M, q) tensor with M <= "
+                             f"num_basis = {self.num_basis} and q = {q} (the cached parameters' size); got "
+                             f"{got}: the state comes from other parameters")
+        if dmp is not None and (not isinstance(dmp, torch.Tensor) or tuple(dmp.shape) != (q,)):
+            raise ValueError(f"state['cache']['damping'] must be None or a ({q},) tensor")
+        cache_step = _state_count(c["step"], "cache.step")
+        if cache_step > step:
+            raise ValueError(f"state['cache']['step'] = {cache_step} is after state['step'] = {step}")
+        dev = self._params[0].device
+        return {"t_white": tw.to(dev), "damping": None if dmp is None else dmp.to(dev),
+                "active": tuple(active), "step": cache_step}
 
     def __repr__(self) -> str:
         q = sum(p.numel() for p in self._params)
@@ -825,6 +938,15 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             d.copy_(s)
 
 
+def _fits(w: torch.Tensor, grads: list[torch.Tensor]) -> bool:
+    """Whether ``w``'s entries fit the narrowest ``.grad`` dtype (float16's 65504); one host read,
+    only where a gradient is narrower than ``w``."""
+    limit = min(torch.finfo(p.dtype).max for p in grads)
+    if limit >= torch.finfo(w.dtype).max:
+        return True
+    return float(w.abs().max()) <= limit
+
+
 def _dot_and_norm(g: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
     """``⟨g, w⟩`` and ``‖w‖`` (accumulated in float64: a long step never overflows), one host read.
     A non-finite entry of ``w`` makes both non-finite."""
@@ -833,8 +955,15 @@ def _dot_and_norm(g: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
     return gw, norm
 
 
-def _check_loss(loss) -> None:
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"loss must be a scalar tensor; got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(f"loss must be a scalar tensor; got shape {tuple(loss.shape)}")
+def _state_count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"state['{name}'] must be an int >= 0; got {value!r}")
+    return int(value)
+
+
+def _state_real(value, name: str, none_ok: bool = True) -> float | None:
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"state['{name}'] must be a number{' or None' if none_ok else ''}; got {value!r}")
+    return float(value)
