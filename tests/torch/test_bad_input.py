@@ -209,3 +209,9 @@ def test_a_cache_from_a_larger_model_is_refused():
     with pytest.raises(ValueError, match="other parameters"):
         kwng.load_state_dict(big.state_dict())
     assert kwng._cache is None and kwng.step_count == 0
+
+
+def test_options_after_params_are_keyword_only():
+    model, _ = make_model("mlp")
+    with pytest.raises(TypeError, match="positional"):
+        KWNG(model.parameters(), 5)

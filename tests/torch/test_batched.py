@@ -45,8 +45,8 @@ def test_batched_rows_equal_the_loop_of_backward_passes(name):
     out = model(x)
     d = flatten_outputs(out).shape[1]
     cot = torch.randn(5, x.shape[0], d, dtype=torch.float64)
-    fast = jacobian_vjp_rows(out, cot, params, mode="batched")
-    slow = jacobian_vjp_rows(out, cot, params, mode="loop")
+    fast = jacobian_vjp_rows(out, cot, params, vjp_mode="batched")
+    slow = jacobian_vjp_rows(out, cot, params, vjp_mode="loop")
     np.testing.assert_allclose(to_np(fast), to_np(slow), rtol=1e-12, atol=1e-14)
 
 
@@ -96,5 +96,5 @@ def test_outputs_errors():
     basis = nystrom_basis((12, 3), 3, rng=0)
     with pytest.raises(ValueError, match="loss must be a scalar"):
         t_matrix_and_grad(out, out, params, kernel=Gaussian(1.0), basis=basis)
-    with pytest.raises(ValueError, match="mode must be one of"):
-        jacobian_vjp_rows(out, torch.zeros(2, 12, 3, dtype=torch.float64), params, mode="fast")
+    with pytest.raises(ValueError, match="vjp_mode must be one of"):
+        jacobian_vjp_rows(out, torch.zeros(2, 12, 3, dtype=torch.float64), params, vjp_mode="fast")

@@ -224,6 +224,6 @@ def test_bfloat16_autocast_without_a_scaler_trains_in_float32(device):
         opt.zero_grad()
         kwng.precondition(out, loss)
         opt.step()
-    assert kwng._cache["t_white"].dtype == torch.float32  # T, C Cᵀ and the solve in float32
+    assert kwng._cache.t_white.dtype == torch.float32  # T, C Cᵀ and the solve in float32
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert full_loss() < start

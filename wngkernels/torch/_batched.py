@@ -126,8 +126,8 @@ def grad_only_through(loss: torch.Tensor, outputs, params: Sequence[torch.Tensor
     return all(id(v) in ids for v in leaves(stop, set()))
 
 
-def batched_vjp(outputs, pieces: list[torch.Tensor], params: Sequence[torch.Tensor], *, mode: str = "auto",
-                retain_graph: bool = True) -> tuple[list[torch.Tensor | None], str]:
+def batched_vjp(outputs, pieces: list[torch.Tensor], params: Sequence[torch.Tensor], *,
+                vjp_mode: str = "auto", retain_graph: bool = True) -> tuple[list[torch.Tensor | None], str]:
     """Per-parameter gradients ``(R, *p.shape)`` (``None`` if unreached) of ``R`` cotangent rows,
     and the mode that computed them (``"batched"`` or ``"loop"``).
 
@@ -137,12 +137,12 @@ def batched_vjp(outputs, pieces: list[torch.Tensor], params: Sequence[torch.Tens
     ``retain_graph=False`` frees the graph after the last pass (in ``"auto"`` mode only once the
     batched pass has succeeded: a failed one must leave the graph to the loop).
     """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}; got {mode!r}")
+    if vjp_mode not in _MODES:
+        raise ValueError(f"vjp_mode must be one of {_MODES}; got {vjp_mode!r}")
     outs = _as_output_list(outputs)
     params = list(params)
     try:
-        return _batched_vjp(outs, pieces, params, mode, retain_graph)
+        return _batched_vjp(outs, pieces, params, vjp_mode, retain_graph)
     except RuntimeError as exc:
         if "donated buffer" in str(exc):
             raise RuntimeError(
@@ -177,7 +177,7 @@ def _batched_vjp(outs, pieces, params, mode, retain_graph):
 
 
 def jacobian_vjp_rows(outputs, cotangents: torch.Tensor, params: Sequence[torch.Tensor], *,
-                      mode: str = "auto", dtype: torch.dtype | None = None) -> torch.Tensor:
+                      vjp_mode: str = "auto", dtype: torch.dtype | None = None) -> torch.Tensor:
     r"""``M`` vector–Jacobian products of the outputs w.r.t. ``params``, flattened: ``(M, q)``.
 
     .. math:: R[m, :] = \sum_{n,i} A[m, n, i]\, \nabla_\theta X_{n,i}
@@ -193,7 +193,7 @@ def jacobian_vjp_rows(outputs, cotangents: torch.Tensor, params: Sequence[torch.
     params : sequence of Tensor
         The ``θ`` blocks, flattened and concatenated in this order (``q = Σ numel``). A
         parameter the outputs do not reach gets zero columns.
-    mode : {"auto", "batched", "loop"}
+    vjp_mode : {"auto", "batched", "loop"}
         ``"batched"``: one ``vmap``-ed backward (``is_grads_batched=True``); ``"loop"``: ``M``
         backward passes with ``retain_graph`` (the authors' way; the reference for tests);
         ``"auto"``: batched, falling back to the loop (with one warning) where an operation
@@ -211,12 +211,12 @@ def jacobian_vjp_rows(outputs, cotangents: torch.Tensor, params: Sequence[torch.
         dtype = params[0].dtype
         for p in params[1:]:
             dtype = torch.promote_types(dtype, p.dtype)
-    grads, _ = batched_vjp(outs, _split_cotangents(outs, cotangents), params, mode=mode)
+    grads, _ = batched_vjp(outs, _split_cotangents(outs, cotangents), params, vjp_mode=vjp_mode)
     return _rows_from_grads(grads, params, cotangents.shape[0], dtype)
 
 
 def t_matrix_and_grad(outputs, loss: torch.Tensor, params: Sequence[torch.Tensor], *, kernel, basis,
-                      mode: str = "auto"):
+                      vjp_mode: str = "auto"):
     r"""``T`` ``(M, q)`` and ``g = ∇_θ L`` ``(q,)`` for one batch, without touching ``.grad``.
 
     ``T`` comes from one batched backward with the cotangents of :func:`wngkernels.cotangents`
@@ -234,7 +234,7 @@ def t_matrix_and_grad(outputs, loss: torch.Tensor, params: Sequence[torch.Tensor
     kernel : wngkernels.Kernel
         A bandwidth rule is evaluated on (basis points, ``X``).
     basis : wngkernels.NystromBasis
-    mode : {"auto", "batched", "loop"}
+    vjp_mode : {"auto", "batched", "loop"}
         See :func:`jacobian_vjp_rows`.
 
     Returns
@@ -249,7 +249,7 @@ def t_matrix_and_grad(outputs, loss: torch.Tensor, params: Sequence[torch.Tensor
     params = list(params)
     dtype = _work_dtype(x, params)
     cot = _cotangents(x.detach().to(dtype), kernel=kernel, basis=basis)
-    t = jacobian_vjp_rows(outputs, cot, params, mode=mode, dtype=dtype)
+    t = jacobian_vjp_rows(outputs, cot, params, vjp_mode=vjp_mode, dtype=dtype)
     grads = torch.autograd.grad(loss.reshape(()), params, retain_graph=True, allow_unused=True)
     g = _rows_from_grads(grads, params, 1, dtype)[0]
     return t, g

@@ -26,6 +26,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,7 +34,14 @@ import torch
 from ..bandwidth import AuthorsRule
 from ..kernels import Gaussian, Kernel
 from ..nystrom import NystromBasis, nystrom_basis
-from ..solve import DAMPING_FLOOR, damping_from_whitened, factorize_whitened, solve_whitened, whiten
+from ..solve import (
+    DAMPING_FLOOR,
+    WhitenedSolver,
+    damping_from_whitened,
+    factorize_whitened,
+    solve_whitened,
+    whiten,
+)
 from ._batched import (
     _as_output_list,
     _check_loss,
@@ -217,13 +225,57 @@ class _Pending:
 
 @dataclass
 class _Ratio:
-    """The reduction-ratio rule's memory."""
+    r"""The reduction-ratio rule's memory: :math:`r = 2(L_{prev} - L_{now})/(lr\,\langle g_{prev},
+    w_{prev}\rangle)` and its running maximum over a window."""
 
     prev_loss: float | None = None
     prev_gw: float | None = None
     prev_lr: float | None = None
     r_max: float = -math.inf
     count: int = 0
+
+    def record(self, loss: float | None, gw: float, lr: float | None) -> None:
+        """What the next ratio compares with: this step's loss, ``⟨g, w⟩`` and learning rate."""
+        self.prev_loss, self.prev_gw, self.prev_lr = loss, gw, lr
+
+    def observe(self, loss_now: float, window: int) -> float | None:
+        """Add the ratio of ``loss_now``; at the end of a window, its maximum (and a new window)."""
+        if self.prev_loss is None or not self.prev_gw or self.prev_gw <= 0:
+            return None
+        if self.prev_lr is None or self.prev_lr <= 0:
+            return None
+        r = 2.0 * (self.prev_loss - loss_now) / (self.prev_lr * self.prev_gw)
+        if not math.isfinite(r):
+            return None
+        self.r_max = max(self.r_max, r)
+        self.count += 1
+        if self.count < window:
+            return None
+        r_max, self.r_max, self.count = self.r_max, -math.inf, 0
+        return r_max
+
+
+@dataclass
+class _Refresh:
+    """What a refresh computed and the steps until the next one reuse."""
+
+    t_white: torch.Tensor  # T̃ (M, q)
+    damping: torch.Tensor | None  # the diagonal of D (q,), None for D = I
+    active: tuple[int, ...]  # the parameters it was computed for
+    step: int
+    solver: WhitenedSolver | None = None  # factorised at the first full solve
+
+
+class _Reduced(NamedTuple):
+    """A step's statistics summed over the process group."""
+
+    cc: torch.Tensor | None
+    t: torch.Tensor | None
+    t_factor: float  # T holds t_factor · Σ H ∇X
+    n: float  # samples
+    loss_now: float | None  # the step's loss, where every micro-batch of every rank gave one
+    bad: bool  # T or C Cᵀ could not be formed on some rank
+    g_bad: bool  # g is non-finite on some rank
 
 
 class KWNG:
@@ -233,6 +285,8 @@ class KWNG:
     (the mathematics page, "The kernelized estimator"), where
     :math:`\hat G = T^\top (CC^\top + \lambda K)^\dagger T` is estimated from the model's outputs
     on the batch. Hook-free: any differentiable model works.
+
+    Every option after ``params`` is keyword-only.
 
     Parameters
     ----------
@@ -327,7 +381,7 @@ class KWNG:
     True
     """
 
-    def __init__(self, params: Iterable, num_basis: int = 5, eps: Schedule = 1e-5, lam: Schedule = 0.0,
+    def __init__(self, params: Iterable, *, num_basis: int = 5, eps: Schedule = 1e-5, lam: Schedule = 0.0,
                  damping: str = "jacobian", damping_floor: float = DAMPING_FLOOR,
                  kernel: Kernel | None = None, adaptive_eps: bool = True,
                  eps_bounds: tuple[float, float] = (1e-10, 1e5), eps_factor: float = 0.85, window: int = 5,
@@ -376,7 +430,7 @@ class KWNG:
         self._step = 0
         self._eps_scale = 1.0
         self._ratio = _Ratio()
-        self._cache = None  # dict(t_white, damping, active, step, and the factorised solver)
+        self._cache: _Refresh | None = None
         self._pending: _Pending | None = None
         self.num_fallbacks = 0
         self.num_skipped = 0
@@ -416,7 +470,7 @@ class KWNG:
 
     def _needs_refresh(self, active) -> bool:
         c = self._cache
-        return c is None or c["active"] != active or self._step - c["step"] >= self.refresh_every
+        return c is None or c.active != active or self._step - c.step >= self.refresh_every
 
     def capture(self, outputs, loss: torch.Tensor | None = None, *,
                 basis: NystromBasis | None = None) -> None:
@@ -524,7 +578,7 @@ class KWNG:
             pieces = [torch.cat([p, (c * scale).to(p.dtype)[None]])
                       for p, c in zip(pieces, loss_cot, strict=True)]
         # "auto" settles on the mode that worked the first time, so later passes can free the graph
-        grads, self._vjp_used = batched_vjp(outs, pieces, params, mode=self._vjp_used or self.vjp_mode,
+        grads, self._vjp_used = batched_vjp(outs, pieces, params, vjp_mode=self._vjp_used or self.vjp_mode,
                                             retain_graph=not fused)
         t_grads = [None if g is None else g[:m] for g in grads]
         t = _rows_from_grads(t_grads, params, m, dtype)
@@ -645,72 +699,87 @@ class KWNG:
         if pend.count < self.accumulation_steps:
             return False
         self._pending = None
+        self._unscale()
+        params = [self._params[i] for i in pend.active]
+        present = [j for j, p in enumerate(params) if p.grad is not None]
+        g = self._gradient(pend, params, present)
+        red = self._reduce(pend, params, g)
+        if red.g_bad:
+            return self._skip(pend, params)
+        if not present:
+            return False
+        self._adapt(red.loss_now)
+        if pend.refresh:
+            self._cache = None if red.bad else self._whitened(red.cc / red.n, red.t, pend,
+                                                              1.0 / (red.t_factor * red.n))
+        grads = [params[j].grad for j in present]
+        w, gw = self._safe_direction(g, params, present, grads)
+        self._ratio.record(red.loss_now, gw, self._current_lr())
+        pieces = torch.split(w, [p.numel() for p in grads])
+        _copy_all(grads, [v.view_as(p) for v, p in zip(pieces, grads, strict=True)])
+        self._step += 1
+        return True
+
+    def _unscale(self) -> None:
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             try:
                 self.grad_scaler.unscale_(self.optimizer)
             except RuntimeError as exc:
                 if "already been called" not in str(exc):
                     raise
-        params = [self._params[i] for i in pend.active]
-        present = [j for j, p in enumerate(params) if p.grad is not None]
+
+    def _gradient(self, pend: _Pending, params, present) -> torch.Tensor:
+        """``g``, the present gradients flattened into one vector of the work dtype."""
         dtype = pend.cc.dtype if pend.cc is not None else _work_dtype(params[0], params)
-        dev = params[0].device
-        if present:
-            g = torch.cat([params[j].grad.reshape(-1).to(dtype) for j in present])
-        else:
-            g = torch.zeros(0, dtype=dtype, device=dev)
+        if not present:
+            return torch.zeros(0, dtype=dtype, device=params[0].device)
+        return torch.cat([params[j].grad.reshape(-1).to(dtype) for j in present])
+
+    def _reduce(self, pend: _Pending, params, g: torch.Tensor) -> _Reduced:
+        """Sum ``C Cᵀ``, ``T``, the counts and the failure flags over the process group (one
+        collective for the matrices, one for the float64 counts, which stay exact)."""
         stats = torch.tensor([pend.n, pend.loss_sum, pend.loss_count, float(pend.bad), 0.0],
-                             dtype=torch.float64, device=dev)
+                             dtype=torch.float64, device=g.device)
         stats[4] = (~torch.isfinite(g)).any().to(torch.float64)
         cc, t = pend.cc, pend.t
         if pend.refresh and t is None:  # no backward ran (non-finite outputs): zeros for the reduction
-            t = torch.zeros(cc.shape[0], sum(p.numel() for p in params), dtype=dtype, device=dev)
+            t = torch.zeros(cc.shape[0], sum(p.numel() for p in params), dtype=g.dtype, device=g.device)
         comm = self._comm
-        t_factor = pend.factor  # T holds factor · Σ H ∇X, undone in the whitening
+        t_factor = pend.factor
         if comm.active and comm.world_size > 1:
             if pend.refresh:  # each rank scaled its cotangents by its own batch size: undo before the sum
                 cc, t = comm.sum_all([cc, t / t_factor])
                 t_factor = 1.0
-            stats = comm.sum_(stats)  # float64: counts and the loss stay exact
+            stats = comm.sum_(stats)
         n_tot, loss_sum, loss_count, bad, g_bad = stats.tolist()
         world = comm.world_size
-        if g_bad > 0:  # the scaler skips this step; without one, no parameter moves
-            self._draws.set_state(pend.rng_state)
-            self.num_skipped += 1
-            if self.grad_scaler is None or not self.grad_scaler.is_enabled():
-                for p in params:
-                    p.grad = None
-            return False
-        if not present:
-            return False
-        want = world * self.accumulation_steps
-        loss_now = loss_sum / world if loss_count == want else None
-        self._adapt(loss_now)
-        if pend.refresh:
-            self._cache = None if bad else self._whitened(cc / n_tot, t, pend, 1.0 / (t_factor * n_tot))
+        loss_now = loss_sum / world if loss_count == world * self.accumulation_steps else None
+        return _Reduced(cc, t, t_factor, n_tot, loss_now, bad > 0, g_bad > 0)
+
+    def _skip(self, pend: _Pending, params) -> bool:
+        """A step with non-finite ``g``: the scaler skips it; without one, no parameter moves."""
+        self._draws.set_state(pend.rng_state)
+        self.num_skipped += 1
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            for p in params:
+                p.grad = None
+        return False
+
+    def _safe_direction(self, g, params, present, grads) -> tuple[torch.Tensor, float]:
+        """``w`` clipped, and ``⟨g, w⟩``; ``g`` (counted) where ``w`` is missing, non-finite, not a
+        descent direction, or too long for a half-precision ``.grad``. ``g = 0`` gives ``w = 0``."""
         w = self._direction(g, params, present)
         gw, norm = (math.nan, math.nan) if w is None else _dot_and_norm(g, w)
-        if not (math.isfinite(gw) and math.isfinite(norm) and (gw > 0 or norm == 0)):  # g = 0 gives w = 0
-            w = g
-            gw, norm = _dot_and_norm(g, g)
-            self.num_fallbacks += 1
-        clip = self._value(self.clip_norm, "clip_norm", True)
-        if clip is not None and norm > clip:
-            w = w * (clip / norm)
-            gw *= clip / norm
-        grads = [params[j].grad for j in present]
-        if w is not g and not _fits(w, grads):  # a half-precision .grad would hold Inf: g instead
+        if not (math.isfinite(gw) and math.isfinite(norm) and (gw > 0 or norm == 0)):
             w, (gw, norm) = g, _dot_and_norm(g, g)
             self.num_fallbacks += 1
-            if clip is not None and norm > clip:
-                w, gw = w * (clip / norm), gw * (clip / norm)
-        self._ratio.prev_loss = loss_now
-        self._ratio.prev_gw = gw
-        self._ratio.prev_lr = self._current_lr()
-        pieces = torch.split(w, [p.numel() for p in grads])
-        _copy_all(grads, [v.view_as(p) for v, p in zip(pieces, grads, strict=True)])
-        self._step += 1
-        return True
+        clip = self._value(self.clip_norm, "clip_norm", True)
+        w, gw = _clipped(w, gw, norm, clip)
+        if w is not g and not _fits(w, grads):
+            gw, norm = _dot_and_norm(g, g)
+            w, gw = _clipped(g, gw, norm, clip)
+            self.num_fallbacks += 1
+        return w, gw
 
     def precondition(self, outputs, loss: torch.Tensor, *, basis: NystromBasis | None = None) -> bool:
         """``capture(outputs, loss)``, ``loss.backward()`` (scaled by ``grad_scaler``), ``step()``.
@@ -749,16 +818,16 @@ class KWNG:
             return None
         t_white = whiten(cc, t, k=k, lam=lam, scale=scale)
         dmp = damping_from_whitened(t_white, floor=self.damping_floor) if self.damping == "jacobian" else None
-        return {"t_white": t_white, "damping": dmp, "active": pend.active, "step": self._step}
+        return _Refresh(t_white, dmp, pend.active, self._step)
 
     def _direction(self, g, params, present):
         c = self._cache
         if c is None:
             return None
-        tw, dmp = c["t_white"], c["damping"]
+        tw, dmp = c.t_white, c.damping
         if len(present) == len(params):
             # factorised once per refresh: between refreshes a step costs a few products
-            solver = c.get("solver")
+            solver = c.solver
             if solver is None or solver.values.dtype != g.dtype:
                 try:
                     # the stable dual form: the authors' Woodbury form, tried, fell back to g
@@ -767,7 +836,7 @@ class KWNG:
                                                 damping=None if dmp is None else dmp.to(g.dtype))
                 except torch.linalg.LinAlgError:  # a non-finite T: the step falls back to g
                     return None
-                c["solver"] = solver
+                c.solver = solver
             return solver.solve(g, self.current_eps())
         if len(present) < len(params):
             sizes = [p.numel() for p in params]
@@ -783,36 +852,26 @@ class KWNG:
             return None
 
     def _adapt(self, loss_now: float | None) -> None:
+        """The reduction-ratio rule (:class:`_Ratio`) moves ``ε`` at the end of each window."""
+        if not self.adaptive_eps or loss_now is None:
+            return
         st = self._ratio
-        if not self.adaptive_eps:
-            return
-        if loss_now is None:
-            return
-        if st.prev_loss is None or not st.prev_gw or st.prev_gw <= 0:
-            return
-        if st.prev_lr is None:
+        if st.prev_lr is None and st.prev_loss is not None and (st.prev_gw or 0) > 0:
             if not self._warned_lr:
                 self._warned_lr = True
                 warnings.warn("KWNG: adaptive_eps needs the learning rate (pass lr= or optimizer=); "
                               "eps stays fixed", UserWarning, stacklevel=3)
             return
-        if st.prev_lr <= 0:
+        r_max = st.observe(loss_now, self.window)
+        if r_max is None:
             return
-        r = 2.0 * (st.prev_loss - loss_now) / (st.prev_lr * st.prev_gw)
-        if not math.isfinite(r):
-            return
-        st.r_max = max(st.r_max, r)
-        st.count += 1
-        if st.count >= self.window:
-            base = self._value(self.eps, "eps", True)
-            eps = self.current_eps()
-            if st.r_max < 0.25:
-                eps = eps / self.eps_factor
-            elif st.r_max > 0.75:
-                eps = eps * self.eps_factor
-            eps = min(max(eps, self.eps_bounds[0]), self.eps_bounds[1])
-            self._eps_scale = eps / base
-            st.r_max, st.count = -math.inf, 0
+        eps = self.current_eps()
+        if r_max < 0.25:
+            eps = eps / self.eps_factor
+        elif r_max > 0.75:
+            eps = eps * self.eps_factor
+        eps = min(max(eps, self.eps_bounds[0]), self.eps_bounds[1])
+        self._eps_scale = eps / self._value(self.eps, "eps", True)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -844,9 +903,9 @@ class KWNG:
         }
         c = self._cache
         if include_cache and c is not None:
-            state["cache"] = {"t_white": c["t_white"].clone(),
-                              "damping": None if c["damping"] is None else c["damping"].clone(),
-                              "active": list(c["active"]), "step": c["step"]}
+            state["cache"] = {"t_white": c.t_white.clone(),
+                              "damping": None if c.damping is None else c.damping.clone(),
+                              "active": list(c.active), "step": c.step}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -914,8 +973,7 @@ class KWNG:
         if cache_step > step:
             raise ValueError(f"state['cache']['step'] = {cache_step} is after state['step'] = {step}")
         dev = self._params[0].device
-        return {"t_white": tw.to(dev), "damping": None if dmp is None else dmp.to(dev),
-                "active": tuple(active), "step": cache_step}
+        return _Refresh(tw.to(dev), None if dmp is None else dmp.to(dev), tuple(active), cache_step)
 
     def __repr__(self) -> str:
         q = sum(p.numel() for p in self._params)
@@ -936,6 +994,13 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     else:
         for d, s in zip(dst, src, strict=True):
             d.copy_(s)
+
+
+def _clipped(w: torch.Tensor, gw: float, norm: float, clip: float | None) -> tuple[torch.Tensor, float]:
+    """``w`` scaled down to norm ``clip`` if longer, and ``⟨g, w⟩`` with it."""
+    if clip is None or norm <= clip:
+        return w, gw
+    return w * (clip / norm), gw * (clip / norm)
 
 
 def _fits(w: torch.Tensor, grads: list[torch.Tensor]) -> bool:
