@@ -216,9 +216,9 @@ def test_bad_alpha_raises(alpha):
 
 
 def test_bad_log_bandwidth_and_max_points_raise():
-    with pytest.raises(ValueError, match="log_bandwidth must be finite"):
+    with pytest.raises(ValueError, match="log_bandwidth must be a finite number"):
         AuthorsRule(float("nan"))
-    with pytest.raises(ValueError, match="max_points must be >= 1"):
+    with pytest.raises(ValueError, match="max_points must be an int >= 1"):
         MedianHeuristic(0)
 
 

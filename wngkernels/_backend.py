@@ -1,27 +1,47 @@
-"""The one door to ``array_api_compat``: namespaces, dtypes, devices and input checks.
+"""The one door to ``array_api_compat``, and the one home of input validation.
 
 Every public entry point of the core calls :func:`namespace` once and passes the
 namespace ``xp`` down; nothing else in the package imports ``array_api_compat``.
+
+The generic rules live here, once, for the core and the PyTorch edge alike:
+
+- a wrong *type* (a string, a bool, a float where an integer is counted, a non-array) is a
+  ``TypeError``; a wrong *value* (out of range, NaN or Inf, a wrong shape) is a ``ValueError``;
+- every message names the argument and says what was expected.
+
+Scalars: :func:`check_positive_scalar`, :func:`check_real`, :func:`check_int`,
+:func:`check_choice`. Arrays: :func:`namespace`, :func:`common_device`, :func:`as_float_matrix`,
+:func:`check_shape`, :func:`require_finite`. Dtypes: :func:`result_float_dtype`,
+:func:`work_dtype`.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import array_api_compat
+import numpy as np
 from array_api_compat import device as device  # re-exported: the one door
 
 __all__ = [
     "as_float_matrix",
+    "check_choice",
+    "check_int",
     "check_positive_scalar",
+    "check_real",
+    "check_shape",
     "common_device",
     "device",
     "float_pair",
+    "ignore_overflow",
     "in_namespace",
+    "max_abs",
     "namespace",
     "require_finite",
     "result_float_dtype",
+    "work_dtype",
 ]
 
 
@@ -131,18 +151,192 @@ def as_float_matrix(xp, x: Any, name: str, dtype=None, check_finite: bool = True
     return x
 
 
-def check_positive_scalar(value: Any, name: str, *, allow_zero: bool = False) -> float:
-    """Return ``value`` as a float, refusing non-numbers (strings and bools too), non-finite
-    values and values ``<= 0`` (``< 0`` with ``allow_zero``)."""
-    if isinstance(value, (str, bytes, bool)):
-        raise TypeError(f"{name} must be a real number; got {value!r}")
+def _is_bool(value: Any) -> bool:
+    """Python and NumPy booleans, and boolean 0-d arrays of any library."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return True
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and str(dtype).rsplit(".", 1)[-1] in ("bool", "bool_")
+
+
+def _scalar_type_error(value: Any, name: str, what: str) -> TypeError:
+    return TypeError(f"{name} must be {what}; got {value!r} of type {type(value).__name__}")
+
+
+def check_real(value: Any, name: str) -> float:
+    """Return ``value`` as a finite Python float.
+
+    Parameters
+    ----------
+    value : real number
+        A Python or NumPy number, or a 0-d array of any library (read to the host).
+    name : str
+        The argument's name, for messages.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not a real number: a string, bytes, a bool, ``None``, a complex number,
+        an array with one or more axes.
+    ValueError
+        If ``value`` is NaN or infinite.
+    """
+    if isinstance(value, (str, bytes)) or _is_bool(value) or getattr(value, "ndim", 0) != 0:
+        raise _scalar_type_error(value, name, "a real number")
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number; got {value!r}") from None
+        raise _scalar_type_error(value, name, "a real number") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    return v
+
+
+def check_positive_scalar(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a finite Python float ``> 0`` (``>= 0`` with ``allow_zero``).
+
+    Parameters
+    ----------
+    value : real number
+        As in :func:`check_real`.
+    name : str
+        The argument's name, for messages.
+    allow_zero : bool
+        Accept ``0``.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not a real number (see :func:`check_real`).
+    ValueError
+        If ``value`` is NaN, infinite, negative, or zero without ``allow_zero``; the message
+        reads ``"<name> must be a finite number > 0; got <value>"`` (``>= 0``).
+    """
+    try:
+        v = check_real(value, name)
+    except ValueError:
+        v = math.nan
     if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}; got {value!r}")
     return v
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return the integer count ``value`` as a Python int, within ``[minimum, maximum]``.
+
+    Parameters
+    ----------
+    value : int
+        A Python or NumPy integer, or an integer 0-d array of any library. Floats (even
+        ``2.0``), strings and bools are refused.
+    name : str
+        The argument's name, for messages.
+    minimum, maximum : int, optional
+        Inclusive bounds.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not an integer (``"<name> must be an int; got ..."``).
+    ValueError
+        If ``value`` is out of range (``"<name> must be an int >= <minimum>; got ..."``, or
+        ``<= maximum``, or ``in [minimum, maximum]``).
+    """
+    if _is_bool(value) or isinstance(value, (str, bytes)):
+        raise _scalar_type_error(value, name, "an int")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise _scalar_type_error(value, name, "an int") from None
+    low = minimum is not None and v < minimum
+    high = maximum is not None and v > maximum
+    if low or high:
+        if minimum is not None and maximum is not None:
+            raise ValueError(f"{name} must be an int in [{minimum}, {maximum}]; got {v}")
+        bound = f">= {minimum}" if low else f"<= {maximum}"
+        raise ValueError(f"{name} must be an int {bound}; got {v}")
+    return int(v)
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of the strings ``choices``.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not a string.
+    ValueError
+        If it is a string not in ``choices``.
+    """
+    listed = ", ".join(map(repr, choices))
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {listed}; got {value!r} of type {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {listed}; got {value!r}")
+    return value
+
+
+def check_shape(x: Any, name: str, shape: tuple[int | None, ...], labels: str | None = None) -> None:
+    """Raise ``ValueError`` unless the array ``x`` has ``shape`` (``None`` entries match any length).
+
+    Parameters
+    ----------
+    x : array
+    name : str
+        The argument's name, for messages.
+    shape : tuple of int or None
+    labels : str, optional
+        The axes' names, e.g. ``"(N, d, q)"``; the message then reads
+        ``"<name> must have shape (N, d, q) = (40, 3, q); got ..."``.
+    """
+    got = tuple(x.shape)
+    if len(got) == len(shape) and all(want is None or g == want for g, want in zip(got, shape, strict=True)):
+        return
+    names = labels.strip("()").split(", ") if labels else ["?"] * len(shape)
+    want = "(" + ", ".join(n if w is None else str(w) for n, w in zip(names, shape, strict=False)) + \
+        ("," if len(shape) == 1 else "") + ")"
+    prefix = f"{labels} = " if labels else ""
+    raise ValueError(f"{name} must have shape {prefix}{want}; got {got}")
+
+
+def work_dtype(xp, dtype):
+    """The dtype a computation on ``dtype`` runs in: ``float32`` for half precision
+    (``float16``, ``bfloat16``: linear algebra is not offered, and their range is too short for
+    the intermediate products), otherwise ``dtype`` itself. Results are cast back."""
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+
+
+def ignore_overflow():
+    """A context in which an over- or underflow (or a division by an ``eps`` that rounds to 0 in
+    the dtype) that the caller handles raises no ``RuntimeWarning``.
+
+    For arithmetic whose overflow to ``inf`` is the intended limit (a point out of the kernel's
+    reach, an eigenvalue beyond the dtype) or is detected and refused right after. It silences
+    NumPy (and the libraries built on it, such as array_api_strict); others do not warn.
+    """
+    return np.errstate(all="ignore")
+
+
+def max_abs(xp, x: Any) -> float:
+    """``max |x|`` as a Python float (one reduction, one scalar read); ``0.0`` for an empty array.
+
+    NaN anywhere gives NaN, Inf gives Inf: a finiteness check comes with it.
+    """
+    if math.prod(x.shape) == 0:
+        return 0.0
+    return float(xp.max(xp.abs(x)))
 
 
 def float_pair(x, y, names: tuple[str, str] = ("x", "y")):

@@ -5,13 +5,17 @@ estimator resolves a rule once per estimate, on the basis points ``Y`` (shape
 ``(M, d)``) and the samples ``X`` (shape ``(N, d)``), with
 :meth:`wngkernels.kernels.Kernel.resolve`.
 
-Each rule reads one scalar back to the host (the bandwidth is a Python float), so
-that an unusable bandwidth (all points equal) is refused with a clear error.
+Each rule reads scalars back to the host (the bandwidth is a Python float), so that an
+unusable bandwidth (all points equal, or beyond the float range) is refused with a clear
+``ValueError``. The points are first divided by a power of two near their largest magnitude
+(exact), so that no squared distance over- or underflows: samples of any scale give the
+bandwidth of that scale. Half-precision inputs are computed in ``float32``.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 from . import _backend
@@ -19,13 +23,33 @@ from . import _backend
 __all__ = ["AuthorsRule", "MedianHeuristic"]
 
 
-def _checked(value: float, rule: str) -> float:
-    if not math.isfinite(value) or value <= 0:
+def _normalised(y, x):
+    """``(xp, y/c, x/c, c)`` with ``c`` a power of two near ``max(|y|, |x|)`` (1 if all are 0)."""
+    xp, y, x = _backend.float_pair(y, x, names=("y", "x"))
+    work = _backend.work_dtype(xp, x.dtype)
+    if work != x.dtype:
+        y, x = xp.astype(y, work), xp.astype(x, work)
+    big = max(_backend.max_abs(xp, y), _backend.max_abs(xp, x))
+    c = math.ldexp(1.0, math.frexp(big)[1] - 1) if big > 0 else 1.0  # c <= big < 2c
+    return xp, y / c, x / c, c
+
+
+def _bandwidth(rule: str, log_c: float, log_sq: float, log10_factor: float = 0.0, hint: str = "") -> float:
+    """``ℓ = c · sqrt(10^log10_factor · sq)`` from logarithms, or a ``ValueError`` naming the rule."""
+    if log_sq == -math.inf:
+        raise ValueError(f"{rule} gave bandwidth 0.0: the points are all equal; "
+                         "pass a fixed bandwidth instead")
+    log_ell = log_c + 0.5 * (log10_factor * math.log(10.0) + log_sq)
+    if not math.log(sys.float_info.min) < log_ell < math.log(sys.float_info.max):
         raise ValueError(
-            f"{rule} gave bandwidth {value!r}: the points are all equal (or overflow); "
-            "pass a fixed bandwidth instead"
+            f"{rule} gave bandwidth 1e{log_ell / math.log(10):+.0f}{hint}, beyond the float range "
+            f"[{sys.float_info.min:.3g}, {sys.float_info.max:.3g}]; pass a fixed bandwidth instead"
         )
-    return value
+    return math.exp(log_ell)
+
+
+def _log(value: float) -> float:
+    return math.log(value) if value > 0 else -math.inf
 
 
 @dataclass(frozen=True)
@@ -48,17 +72,24 @@ class AuthorsRule:
     log_bandwidth: float = 0.0
 
     def __post_init__(self):
-        if not math.isfinite(float(self.log_bandwidth)):
-            raise ValueError(f"log_bandwidth must be finite; got {self.log_bandwidth!r}")
+        object.__setattr__(self, "log_bandwidth", _backend.check_real(self.log_bandwidth, "log_bandwidth"))
 
     def __call__(self, y, x) -> float:
-        """Bandwidth ``ℓ`` for basis points ``y`` ``(M, d)`` and samples ``x`` ``(N, d)``."""
-        xp, y, x = _backend.float_pair(y, x, names=("y", "x"))
+        """Bandwidth ``ℓ`` for basis points ``y`` ``(M, d)`` and samples ``x`` ``(N, d)``.
+
+        Raises
+        ------
+        ValueError
+            If the points are all equal (``ℓ = 0``), or ``ℓ`` is beyond the float range (e.g.
+            ``log_bandwidth=700``).
+        """
+        xp, y, x, c = _normalised(y, x)
         center = xp.mean(x, axis=0)
         mean_sq = xp.mean(xp.sum((y - center) ** 2, axis=1)) + xp.mean(
             xp.sum((x - center) ** 2, axis=1)
         )
-        return _checked(math.sqrt(10.0 ** float(self.log_bandwidth) * float(mean_sq)), "AuthorsRule")
+        return _bandwidth("AuthorsRule", math.log(c), _log(float(mean_sq)), self.log_bandwidth,
+                          f" (with log_bandwidth={self.log_bandwidth!r})")
 
 
 @dataclass(frozen=True)
@@ -78,19 +109,22 @@ class MedianHeuristic:
     max_points: int = 1000
 
     def __post_init__(self):
-        if int(self.max_points) < 1:
-            raise ValueError(f"max_points must be >= 1; got {self.max_points!r}")
+        object.__setattr__(self, "max_points", _backend.check_int(self.max_points, "max_points", minimum=1))
 
     def __call__(self, y, x) -> float:
-        """Bandwidth ``ℓ`` for basis points ``y`` ``(M, d)`` and samples ``x`` ``(N, d)``."""
-        xp, y, x = _backend.float_pair(y, x, names=("y", "x"))
-        y = y[: self.max_points, :]
-        x = x[: self.max_points, :]
+        """Bandwidth ``ℓ`` for basis points ``y`` ``(M, d)`` and samples ``x`` ``(N, d)``.
+
+        Raises
+        ------
+        ValueError
+            If all pairs of points coincide (``ℓ = 0``).
+        """
+        xp, y, x, c = _normalised(y, x)
+        y = y[: min(self.max_points, y.shape[0]), :]
+        x = x[: min(self.max_points, x.shape[0]), :]
         sq = xp.sum((y[:, None, :] - x[None, :, :]) ** 2, axis=-1)
         sq = xp.reshape(sq, (-1,))
         sq = xp.sort(sq[sq > 0])
-        if sq.shape[0] == 0:
-            return _checked(0.0, "MedianHeuristic")
         n = sq.shape[0]
-        mid = (sq[(n - 1) // 2] + sq[n // 2]) / 2
-        return _checked(math.sqrt(float(mid)), "MedianHeuristic")
+        mid = 0.0 if n == 0 else float((sq[(n - 1) // 2] + sq[n // 2]) / 2)
+        return _bandwidth("MedianHeuristic", math.log(c), _log(mid))

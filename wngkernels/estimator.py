@@ -33,10 +33,26 @@ so the error stays bounded as :math:`\varepsilon \to 0`. ``Q`` comes from two pa
 ``M × M`` Gram eigen-decompositions (matrix products only; ``form="dual-qr"`` uses a
 Householder QR instead). ``docs/accuracy.md`` measures every form against the Woodbury
 formula as written.
+
+**Units of the bandwidth.** Samples are centred and divided by the bandwidth :math:`\ell`
+before anything else: the kernel rows are computed as :math:`\hat H = \ell^2 H`, so that
+:math:`\hat C\hat C^\top = \ell^4 CC^\top` and :math:`\hat K = \ell^2 K` are of order one
+whatever the scale of the samples, and :math:`\hat T = \ell^2 T` is of the order of the
+Jacobian. The whitened :math:`\tilde T` is the same in these units (with :math:`\lambda\ell^2`
+in place of :math:`\lambda`), so :func:`~wngkernels.kwng_direction` never forms a power of
+:math:`\ell`; the building blocks (:func:`~wngkernels.cc_gram`, :func:`~wngkernels.k_gram`,
+:func:`~wngkernels.t_matrix`, :func:`~wngkernels.cotangents`) apply theirs at the end and refuse,
+with a ``ValueError`` naming ``bandwidth``, a result beyond the dtype's range. Samples scaled by
+``s`` (with a bandwidth rule, or the bandwidth scaled by ``s``), the Jacobian by ``s`` and ``eps``
+by ``s²`` give ``w / s²`` to the dtype's precision.
+
+**Half precision.** ``float16`` and ``bfloat16`` inputs are computed in ``float32`` and the
+results cast back; a result beyond the half-precision range is refused with a ``ValueError``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,8 +62,8 @@ from .kernels import Kernel, coordinate_onehot
 from .nystrom import NystromBasis
 from .solve import (
     DAMPING_FLOOR,
-    _check_nonneg,
-    _check_positive,
+    _cast_back,
+    _pow2,
     damping_from_whitened,
     solve_whitened,
     whiten,
@@ -58,6 +74,11 @@ __all__ = ["cc_gram", "cotangents", "k_gram", "kwng_direction", "metric_apply", 
 #: Bytes that one chunk's temporaries may take when ``chunk_size`` is not given.
 CHUNK_BYTES = 64 * 2**20
 
+#: Largest distance of a sample from the mean, in bandwidths, up to which ``C Cᵀ`` is accumulated
+#: by the ``O(M² N)`` expansion (:func:`_cc_chunk`, which loses about ``eps · R²`` relative);
+#: beyond it, from the kernel rows (``O(M² N d)``, rounding-level).
+EXPANSION_RADIUS = 16.0
+
 
 # -- the shared context: validated samples, basis points and resolved kernel ----------------
 
@@ -65,23 +86,54 @@ CHUNK_BYTES = 64 * 2**20
 @dataclass(frozen=True)
 class _Context:
     xp: Any
-    samples: Any  # (N, d)
-    points: Any  # (M, d), Y_m = samples[indices[m]]
+    samples: Any  # (N, d), centred and in units of the bandwidth: (X − X̄)/ℓ
+    points: Any  # (M, d), Y_m = samples[indices[m]], in the same units
     onehot: Any  # (M, d), onehot[m, i_m] = 1
     kernel: Kernel  # bandwidth resolved on (points, samples)
+    out: Any  # the dtype of the results (the samples' floating dtype)
+    direct: bool  # C Cᵀ from the rows (points far apart in bandwidth units) instead of the expansion
 
     @property
     def shape(self):
         n, d = self.samples.shape
         return n, d, self.points.shape[0]
 
+    @property
+    def ell(self) -> float:
+        return self.kernel.bandwidth
+
     def rows(self, x):
-        """``∂_{x_{i_m}} ∂_y k(Y_m, x_n)`` for samples ``x`` ``(c, d)``: ``(M, c, d)``."""
-        return self.kernel._rows(self.xp, self.points, self.onehot, x, self.kernel.bandwidth)
+        """``ℓ² ∂_{x_{i_m}} ∂_y k(Y_m, x_n)`` ``(M, c, d)`` for samples ``x`` ``(c, d)`` (bandwidth units)."""
+        return self.kernel._rows(self.xp, self.points, self.onehot, x)
+
+    def in_units(self, a, power: int, name: str):
+        """``a · ℓ^{-power}`` in the output dtype: ``a`` holds a result in units of the bandwidth."""
+        return _unscale(self.xp, a, self.ell, power, self.out, name)
+
+
+def _unscale(xp, a, ell: float, power: int, out, name: str):
+    """``a · ℓ^{-power}`` cast to ``out``; ``ValueError`` if its largest entry leaves ``out``'s range."""
+    top = _backend.max_abs(xp, a)
+    if top == 0:
+        return xp.astype(a, out)
+    if not math.isfinite(top):
+        raise ValueError(f"{name} overflows {a.dtype}: the jacobian (or the vjp's output) is too large")
+    log_top = math.log(top) - power * math.log(ell)
+    info = xp.finfo(out)
+    if not math.log(float(info.smallest_normal)) <= log_top <= math.log(float(info.max)):
+        raise ValueError(
+            f"{name} is beyond the range of {out} with bandwidth={ell!r}: its entries reach "
+            f"1e{log_top / math.log(10):+.0f}; rescale the samples (and the bandwidth) or use a wider dtype"
+        )
+    return xp.astype((a / top) * math.exp(log_top), out)
 
 
 def _context(samples, basis, kernel, others=(), names=()) -> tuple[_Context, tuple]:
-    """Validate ``samples``, ``basis``, ``kernel`` and any ``others`` (cast to one dtype)."""
+    """Validate ``samples``, ``basis``, ``kernel`` and any ``others`` (cast to one dtype).
+
+    The samples come back centred and in units of the resolved bandwidth (:class:`_Context`),
+    everything in the work dtype (``float32`` for half-precision input).
+    """
     if not isinstance(kernel, Kernel):
         raise TypeError(f"kernel must be a wngkernels Kernel; got {type(kernel).__name__}")
     if not isinstance(basis, NystromBasis):
@@ -90,47 +142,71 @@ def _context(samples, basis, kernel, others=(), names=()) -> tuple[_Context, tup
     all_names = ("samples", *names)
     xp = _backend.namespace(*arrays, names=all_names)
     _backend.common_device(xp, *arrays, names=all_names)
-    dtype = _backend.result_float_dtype(xp, *(a for a in arrays if a is not None))
-    samples = _backend.as_float_matrix(xp, samples, "samples", dtype)
+    out = _backend.result_float_dtype(xp, *(a for a in arrays if a is not None))
+    work = _backend.work_dtype(xp, out)
+    samples = _backend.as_float_matrix(xp, samples, "samples", work)
     n, d = samples.shape
     basis.check(n, d)
     dev = _backend.device(samples)
     idx = xp.asarray(basis.indices.copy(), device=dev)  # writable for torch
-    points = xp.take(samples, idx, axis=0)
     onehot = coordinate_onehot(xp, basis.dims, basis.num_basis, d, samples)
-    kernel = kernel.resolve(points, samples)
+    kernel = kernel.resolve(xp.take(samples, idx, axis=0), samples)
+    x_hat = _in_bandwidth_units(xp, samples, kernel.bandwidth)
+    # the O(M² N) expansion of C Cᵀ loses about eps · R² relative, R = max ‖x̂_n‖: beyond
+    # EXPANSION_RADIUS² the rows are used instead (O(M² N d))
+    with _backend.ignore_overflow():  # inf: far beyond the radius
+        direct = float(xp.max(xp.sum(x_hat * x_hat, axis=1))) > EXPANSION_RADIUS**2
     cast = []
     for a, name in zip(others, names, strict=False):
         if a is not None:
-            a = a if a.dtype == dtype else xp.astype(a, dtype)
+            a = a if a.dtype == work else xp.astype(a, work)
             _backend.require_finite(xp, a, name)
         cast.append(a)
-    return _Context(xp, samples, points, onehot, kernel), tuple(cast)
+    ctx = _Context(xp, x_hat, xp.take(x_hat, idx, axis=0), onehot, kernel, out, direct)
+    return ctx, tuple(cast)
+
+
+def _in_bandwidth_units(xp, x, ell: float):
+    """``(x − x̄)/ℓ``, through powers of two near the data's magnitude, so that neither the mean
+    nor the quotient over- or underflows before the result would."""
+    big = _backend.max_abs(xp, x)
+    if big == 0:
+        return x
+    c0 = _pow2(big)
+    dev = x - xp.mean(x / c0, axis=0) * c0
+    top = _backend.max_abs(xp, dev)
+    if top == 0:  # all samples equal (possible with a fixed bandwidth)
+        return dev
+    if not math.isfinite(top):
+        raise ValueError(f"samples are too large for {x.dtype}: their deviations from the mean overflow")
+    c = _pow2(top)
+    spread = c / ell
+    limit = float(xp.finfo(x.dtype).max) / 4
+    if not spread < limit:
+        raise ValueError(
+            f"samples span about {c:.3g} = {spread:.3g} bandwidths (bandwidth={ell!r}), beyond the "
+            f"range of {x.dtype}; use a larger bandwidth or a wider dtype"
+        )
+    return (dev / c) * spread
 
 
 def _chunk(n: int, m: int, d: int, itemsize: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int >= 1; got {chunk_size!r}")
-        return min(chunk_size, n)
+        return min(_backend.check_int(chunk_size, "chunk_size", minimum=1), n)
     # about four (M, c, d) temporaries live at once in a chunk
     return max(1, min(n, CHUNK_BYTES // (4 * m * d * itemsize)))
 
 
 def _itemsize(xp, dtype) -> int:
-    return 8 if dtype == xp.float64 else 4 if dtype == xp.float32 else 2
+    return xp.finfo(dtype).bits // 8
 
 
 def _check_jacobian(jacobian, n: int, d: int) -> int:
-    if jacobian.ndim != 3 or jacobian.shape[0] != n or jacobian.shape[1] != d:
-        raise ValueError(
-            f"jacobian must have shape (N, d, q) = ({n}, {d}, q) to match samples; "
-            f"got {tuple(jacobian.shape)}"
-        )
+    _backend.check_shape(jacobian, "jacobian", (n, d, None), "(N, d, q)")
     return jacobian.shape[2]
 
 
-def _cc_chunk(ctx: _Context, x, center):
+def _cc_chunk(ctx: _Context, x):
     r"""``Σ_n H_n H_nᵀ`` over the samples ``x`` ``(c, d)`` of a chunk, in ``O(M² c)``: no ``d`` factor.
 
     Each row is ``H_n[m, :] = α_{mn} u_{mn} + β_{mn} e_{i_m}`` with ``u_{mn} = Y_m − X_n``
@@ -144,39 +220,42 @@ def _cc_chunk(ctx: _Context, x, center):
              + YE^\top \odot AB^\top - A\,(B \odot x_{sel})^\top ,
 
     using :math:`u_{mn}\cdot u_{m'n} = Y_m\cdot Y_{m'} - P_{mn} - P_{m'n} + \lVert X_n\rVert^2`.
-    Points are centred on ``center`` first (the kernel is translation invariant), which keeps
-    that expansion free of cancellation.
+    Points are centred and in units of the bandwidth (:class:`_Context`); the expansion then
+    loses about ``eps · max‖x̂‖²`` relative to the result, which :func:`_context` bounds (beyond
+    the bound :func:`_accumulate` takes the rows instead: ``ctx.direct``).
     """
     xp, kernel, e = ctx.xp, ctx.kernel, ctx.onehot
-    y, x = ctx.points - center, x - center
+    y = ctx.points
     p = y @ x.T
     xx = xp.sum(x * x, axis=1)
     sq = xp.maximum(xp.sum(y * y, axis=1)[:, None] + xx[None, :] - 2 * p, 0.0)
     x_sel = e @ x.T
-    a, b = kernel._row_coefficients(xp, sq, xp.sum(y * e, axis=1)[:, None] - x_sel, kernel.bandwidth)
+    a, b = kernel._row_coefficients(xp, sq, xp.sum(y * e, axis=1)[:, None] - x_sel)
     f = (a * (xx[None, :] / 2 - p)) @ a.T + (y @ e.T) * (a @ b.T) - a @ (b * x_sel).T
     return (y @ y.T) * (a @ a.T) + f + f.T + (e @ e.T) * (b @ b.T)
 
 
 def _accumulate(ctx: _Context, jacobian=None, chunk_size=None):
-    """One pass over chunks of samples: ``C Cᵀ`` ``(M, M)`` and, given a Jacobian, ``T`` ``(M, q)``.
+    """One pass over chunks of samples: ``Ĉ Ĉᵀ`` ``(M, M)`` and, given a Jacobian, ``T̂`` ``(M, q)``
+    (in units of the bandwidth: ``ℓ⁴ C Cᵀ`` and ``ℓ² T``).
 
-    ``C Cᵀ`` costs ``O(M² N)`` and memory ``O(M² + chunk · M)`` (:func:`_cc_chunk`); ``T``
-    from a Jacobian needs the ``(M, chunk, d)`` rows. ``C`` is never formed.
+    ``C Cᵀ`` costs ``O(M² N)`` and memory ``O(M² + chunk · M)`` (:func:`_cc_chunk`), or, where
+    the points are far apart in units of the bandwidth (``ctx.direct``), ``O(M² N d)`` from the
+    ``(M, chunk, d)`` rows; ``T`` from a Jacobian needs those rows. ``C`` is never formed.
     """
     xp = ctx.xp
     n, d, m = ctx.shape
-    step = _chunk(n, m, 1 if jacobian is None else d, _itemsize(xp, ctx.samples.dtype), chunk_size)
+    rows_needed = jacobian is not None or ctx.direct
+    step = _chunk(n, m, d if rows_needed else 1, _itemsize(xp, ctx.samples.dtype), chunk_size)
     dev = _backend.device(ctx.samples)
-    center = xp.mean(ctx.samples, axis=0)
     cc = xp.zeros((m, m), dtype=ctx.samples.dtype, device=dev)
     t = None if jacobian is None else xp.zeros((m, jacobian.shape[2]), dtype=cc.dtype, device=dev)
     for start in range(0, n, step):
         stop = min(start + step, n)
         chunk = ctx.samples[start:stop, :]
-        cc = cc + _cc_chunk(ctx, chunk, center)
+        rows = xp.reshape(ctx.rows(chunk), (m, (stop - start) * d)) if rows_needed else None
+        cc = cc + (rows @ rows.T if ctx.direct else _cc_chunk(ctx, chunk))
         if jacobian is not None:
-            rows = xp.reshape(ctx.rows(chunk), (m, (stop - start) * d))
             t = t + rows @ xp.reshape(jacobian[start:stop, ...], ((stop - start) * d, -1))
     cc = cc / n
     return (cc + cc.T) / 2, (None if t is None else t / n)
@@ -202,7 +281,7 @@ def cotangents(samples, *, kernel: Kernel, basis: NystromBasis):
         ``T[m, :] = Σ_{n,i} A[m, n, i] ∇_θ h_θ(Z_n)_i`` (one VJP per ``m``).
     """
     ctx, _ = _context(samples, basis, kernel)
-    return ctx.rows(ctx.samples) / ctx.shape[0]
+    return ctx.in_units(ctx.rows(ctx.samples) / ctx.shape[0], 2, "cotangents")
 
 
 def cc_gram(samples, *, kernel: Kernel, basis: NystromBasis, chunk_size: int | None = None):
@@ -226,7 +305,7 @@ def cc_gram(samples, *, kernel: Kernel, basis: NystromBasis, chunk_size: int | N
         Symmetric positive semi-definite.
     """
     ctx, _ = _context(samples, basis, kernel)
-    return _accumulate(ctx, chunk_size=chunk_size)[0]
+    return ctx.in_units(_accumulate(ctx, chunk_size=chunk_size)[0], 4, "cc_gram")
 
 
 def k_gram(samples, *, kernel: Kernel, basis: NystromBasis):
@@ -235,12 +314,13 @@ def k_gram(samples, *, kernel: Kernel, basis: NystromBasis):
     The Gram matrix of the basis functions in the RKHS (the ``λ`` term of the estimator).
     """
     ctx, _ = _context(samples, basis, kernel)
-    return _k(ctx)
+    return ctx.in_units(_k(ctx), 2, "k_gram")
 
 
 def _k(ctx: _Context):
+    """``K̂ = ℓ² K`` (bandwidth units)."""
     y, e = ctx.points, ctx.onehot
-    k = ctx.kernel._selected(ctx.xp, y, e, y, e, ctx.kernel.bandwidth)
+    k = ctx.kernel._selected(ctx.xp, y, e, y, e)
     return (k + k.T) / 2
 
 
@@ -257,7 +337,10 @@ def t_matrix(samples, *, kernel: Kernel, basis: NystromBasis, jacobian=None, vjp
         ``jacobian[n, i, :] = ∇_θ h_θ(Z_n)_i``; contracted chunk by chunk.
     vjp : callable, optional
         Maps cotangents ``(M, N, d)`` (see :func:`cotangents`) to ``(M, q)``: row ``m``
-        is ``Σ_{n,i} A[m, n, i] ∇_θ h_θ(Z_n)_i``. Exactly one of ``jacobian``, ``vjp``.
+        is ``Σ_{n,i} A[m, n, i] ∇_θ h_θ(Z_n)_i``. Exactly one of ``jacobian``, ``vjp``. It must be
+        linear in the cotangents (a vector–Jacobian product is): it is called with them in units
+        of the bandwidth, ``ℓ² A`` (in range at any scale of the samples), and its output is divided
+        by ``ℓ²``.
     chunk_size : int, optional
 
     Returns
@@ -268,8 +351,10 @@ def t_matrix(samples, *, kernel: Kernel, basis: NystromBasis, jacobian=None, vjp
     ctx, (jacobian,) = _context(samples, basis, kernel, (jacobian,), ("jacobian",))
     if jacobian is not None:
         _check_jacobian(jacobian, *ctx.samples.shape)
-        return _accumulate(ctx, jacobian, chunk_size)[1]
-    return _call_vjp(ctx, vjp, None)
+        t = _accumulate(ctx, jacobian, chunk_size)[1]
+    else:
+        t = _call_vjp(ctx, vjp, None)
+    return ctx.in_units(t, 2, "t_matrix")
 
 
 def _one_of(jacobian, vjp):
@@ -280,6 +365,8 @@ def _one_of(jacobian, vjp):
 
 
 def _call_vjp(ctx: _Context, vjp: Callable, q: int | None):
+    """``T̂ = ℓ² T``: the VJP of the cotangents in units of the bandwidth (``ℓ²`` times
+    :func:`cotangents`; a VJP is linear, so its result is ``ℓ² T``), in the work dtype."""
     xp = ctx.xp
     n, d, m = ctx.shape
     t = vjp(ctx.rows(ctx.samples) / n)
@@ -294,7 +381,8 @@ def _call_vjp(ctx: _Context, vjp: Callable, q: int | None):
     return t
 
 
-def _damping(xp, damping, t_white, q: int, dtype, floor: float):
+def _damping(xp, damping, t_white, floor: float):
+    """``D`` for :func:`solve_whitened` (which checks an array's shape and values)."""
     if isinstance(damping, str):
         if damping == "identity":
             return None
@@ -302,12 +390,9 @@ def _damping(xp, damping, t_white, q: int, dtype, floor: float):
             return damping_from_whitened(t_white, floor=floor)
         raise ValueError(f"damping must be 'identity', 'jacobian' or a positive array (q,); got {damping!r}")
     if not _backend.in_namespace(damping, xp):
-        raise TypeError(f"damping array must come from the samples' library; got {type(damping).__name__}")
-    if damping.ndim != 1 or damping.shape[0] != q:
-        raise ValueError(f"damping must have shape (q,) = ({q},); got {tuple(damping.shape)}")
-    damping = xp.astype(damping, dtype) if damping.dtype != dtype else damping
-    if not bool(xp.all(xp.isfinite(damping) & (damping >= 0))):
-        raise ValueError("damping must be finite and >= 0 everywhere (0 excludes a parameter)")
+        raise TypeError(
+            f"damping must be 'identity', 'jacobian' or an array of the samples' library; got {damping!r}"
+        )
     return damping
 
 
@@ -354,7 +439,25 @@ def kwng_direction(grad, samples, *, kernel: Kernel, basis: NystromBasis, eps: f
     Returns
     -------
     array, shape (q,)
-        In the namespace, dtype and device of the inputs.
+        In the namespace, dtype and device of the inputs (half precision is computed in
+        ``float32`` and cast back). Always finite.
+
+    Raises
+    ------
+    ValueError
+        If an argument has a wrong value or shape, holds NaN or Inf, or the bandwidth makes the
+        samples span more than the dtype's range; or if ``w`` overflows the dtype (``eps`` too
+        small for this gradient). Every message names the argument.
+    TypeError
+        If an argument has a wrong type (a string or bool for a number, a float for a count,
+        arrays of different libraries).
+
+    Notes
+    -----
+    The computation runs in units of the bandwidth (module notes): samples, Jacobian and VJP
+    scaled by ``s`` (with a bandwidth rule, or the bandwidth and ``damping_floor`` scaled by
+    ``s``) and ``eps`` scaled by ``s²`` (by ``s`` with ``damping="jacobian"``) give ``w / s²`` to the
+    dtype's precision, for any ``s`` the dtype holds.
 
     Examples
     --------
@@ -373,21 +476,29 @@ def kwng_direction(grad, samples, *, kernel: Kernel, basis: NystromBasis, eps: f
     >>> bool(np.linalg.norm(w - exact) / np.linalg.norm(exact) < 0.1)
     True
     """
+    eps = _backend.check_positive_scalar(eps, "eps")
+    damping_floor = _backend.check_positive_scalar(damping_floor, "damping_floor")
+    form = _backend.check_choice(form, "form", ("auto", "primal", "dual", "dual-qr"))
     ctx, grad, t_white = _whitened_system(samples, basis, kernel, grad, "grad", jacobian, vjp,
                                           lam, rcond, chunk_size)
-    eps = _check_positive(eps, "eps")
-    dmp = _damping(ctx.xp, damping, t_white, grad.shape[0], grad.dtype, damping_floor)
-    return solve_whitened(t_white, grad, eps=eps, damping=dmp, form=form)
+    xp = ctx.xp
+    if not math.isfinite(_backend.max_abs(xp, t_white)):
+        raise ValueError(f"T̃ overflows {t_white.dtype}: the jacobian (or the vjp's output) is too large")
+    dmp = _damping(xp, damping, t_white, damping_floor)
+    w = solve_whitened(t_white, grad, eps=eps, damping=dmp, form=form)  # refuses a w out of range
+    return _cast_back(xp, w, ctx.out, "the direction w")
 
 
 def _whitened_system(samples, basis, kernel, vec, vec_name, jacobian, vjp, lam, rcond, chunk_size):
     """Validate; ``C Cᵀ`` and ``T`` (from the Jacobian or the VJP); whiten. Returns ``(ctx, vec, T̃)``."""
     _one_of(jacobian, vjp)
+    lam = _backend.check_positive_scalar(lam, "lam", allow_zero=True)
+    if rcond is not None:
+        rcond = _backend.check_positive_scalar(rcond, "rcond", allow_zero=True)
     ctx, (vec, jacobian) = _context(samples, basis, kernel, (vec, jacobian), (vec_name, "jacobian"))
     if vec.ndim != 1:
         raise ValueError(f"{vec_name} must be 1-D (q,); got shape {tuple(vec.shape)}")
     q = vec.shape[0]
-    lam = _check_nonneg(lam, "lam")
     if jacobian is not None:
         if _check_jacobian(jacobian, *ctx.samples.shape) != q:
             raise ValueError(f"jacobian's last axis must match {vec_name}: q = {q}; got {jacobian.shape[2]}")
@@ -395,7 +506,12 @@ def _whitened_system(samples, basis, kernel, vec, vec_name, jacobian, vjp, lam, 
     else:
         cc, _ = _accumulate(ctx, chunk_size=chunk_size)
         t = _call_vjp(ctx, vjp, q)
-    return ctx, vec, whiten(cc, t, k=_k(ctx) if lam > 0 else None, lam=lam, rcond=rcond)
+    # in units of the bandwidth: Ĉ Ĉᵀ + (λℓ²) K̂ = ℓ⁴ (C Cᵀ + λ K) and T̂ = ℓ² T give the same T̃
+    lam_hat = lam * ctx.ell * ctx.ell
+    if not math.isfinite(lam_hat):
+        raise ValueError(f"lam · bandwidth² overflows: lam={lam!r}, bandwidth={ctx.ell!r}; use a smaller lam")
+    k = _k(ctx) if lam > 0 else None
+    return ctx, vec, whiten(cc, t, k=k, lam=lam_hat if lam_hat > 0 else 0.0, rcond=rcond)
 
 
 def metric_apply(v, samples, *, kernel: Kernel, basis: NystromBasis, lam: float = 0.0,
@@ -411,6 +527,7 @@ def metric_apply(v, samples, *, kernel: Kernel, basis: NystromBasis, lam: float 
     Returns
     -------
     array, shape (q,)
+        In the namespace, dtype and device of the inputs.
     """
-    _, v, t_white = _whitened_system(samples, basis, kernel, v, "v", jacobian, vjp, lam, rcond, chunk_size)
-    return t_white.T @ (t_white @ v)
+    ctx, v, t_white = _whitened_system(samples, basis, kernel, v, "v", jacobian, vjp, lam, rcond, chunk_size)
+    return _cast_back(ctx.xp, t_white.T @ (t_white @ v), ctx.out, "metric_apply")

@@ -1,20 +1,35 @@
 r"""Translation-invariant kernels with analytic first and second derivatives.
 
-A radial kernel is :math:`k(x, y) = \varphi(s)` with :math:`s = \lVert x - y\rVert^2`.
-With :math:`u = x - y`, every derivative the estimator needs follows from
-:math:`\varphi'` and :math:`\varphi''` (derivatives in :math:`s`):
+A radial kernel with bandwidth :math:`\ell` is :math:`k(x, y) = \kappa(t)`,
+:math:`t = \lVert x - y\rVert^2/\ell^2`: every computation runs in units of the bandwidth,
+:math:`\hat u = (x - y)/\ell`, and the powers of :math:`\ell` are applied once at the end, so
+that no squared distance or product of derivatives over- or underflows before the result
+would (samples of any scale, with a bandwidth of that scale, give the same relative accuracy).
+Every derivative the estimator needs follows from :math:`\kappa'` and :math:`\kappa''`:
 
 .. math::
 
-    \partial_{x_a} k = 2\varphi'(s)\, u_a, \qquad
-    \partial_{x_a}\partial_{y_b} k = -2\varphi'(s)\,\delta_{ab} - 4\varphi''(s)\, u_a u_b .
+    \partial_{x_a} k = \frac{2\kappa'(t)\, \hat u_a}{\ell}, \qquad
+    \partial_{x_a}\partial_{y_b} k
+        = \frac{-2\kappa'(t)\,\delta_{ab} - 4\kappa''(t)\, \hat u_a \hat u_b}{\ell^2} .
 
-Each kernel supplies :math:`(\varphi, \varphi', \varphi'')`; the shared base class
-:class:`Kernel` does the rest, vectorised, in the namespace of its inputs.
+Each kernel supplies :math:`(\kappa, \kappa', \kappa'')` (:meth:`Kernel.radial`); the shared base
+class :class:`Kernel` does the rest, vectorised, in the namespace of its inputs.
+
+**Range.** A result is refused with a ``ValueError`` naming ``bandwidth`` when its scale
+(:math:`1/\ell` for gradients, :math:`1/\ell^2` for second derivatives) is not a normal number of
+the output dtype, e.g. ``bandwidth=1e-200`` in float64: the true values are not representable.
+Points more than :math:`\sqrt{\max}/4` bandwidths apart (``3e153`` in float64, ``4.6e18`` in
+float32) count as infinitely far: there :math:`k` and its derivatives are 0 (exact to the
+dtype for the Gaussian, whose values underflow long before).
+
+**Half precision.** ``float16`` and ``bfloat16`` inputs are computed in ``float32`` and the
+results cast back (:func:`~wngkernels._backend.work_dtype`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,9 +43,43 @@ Bandwidth = float | Callable[[Any, Any], float]
 
 
 def _check_bandwidth(bandwidth: Bandwidth) -> Bandwidth:
-    if callable(bandwidth):
-        return bandwidth
-    return _backend.check_positive_scalar(bandwidth, "bandwidth")
+    return bandwidth if callable(bandwidth) else _backend.check_positive_scalar(bandwidth, "bandwidth")
+
+
+def _scaled_differences(xp, a, b, inv_ell: float):
+    r"""``(a − b)/ℓ`` (broadcast), clipped to ``±sqrt(max)/4`` of the dtype.
+
+    E.g. ``a = x[:, None, :]``, ``b = y[None, :, :]`` give ``û`` ``(n, m, d)``. Beyond the clip
+    every kernel and derivative is 0 to the dtype's precision (see the module notes);
+    clipping keeps ``û_a û_b`` finite, so that no ``0 · inf`` turns into NaN.
+    """
+    big = math.sqrt(float(xp.finfo(a.dtype).max)) / 4
+    if inv_ell == 1:
+        u = a - b
+    elif inv_ell < 1:  # halving is exact and keeps a − b in range; the product then cannot overflow
+        u = (a * 0.5 - b * 0.5) * (2 * inv_ell)
+    else:  # a − b overflows only where (a − b)/ℓ would: the clip takes it
+        u = (a - b) * inv_ell
+    return xp.clip(u, -big, big)
+
+
+def _bandwidth_power(ell: float, power: int, dtype_info, what: str) -> float:
+    r"""``ℓ^{-power}`` as a Python float, if it is a normal number of the output dtype.
+
+    ``dtype_info`` is the dtype's ``finfo``; ``what`` names the result in the message. The
+    kernels' normalised derivatives are at most 2 in magnitude, so ``4 ℓ^{-power} <= max``
+    guarantees a finite result.
+    """
+    log_factor = -power * math.log(ell)
+    hi, lo = float(dtype_info.max) / 4, float(dtype_info.smallest_normal)
+    if log_factor > math.log(hi) or log_factor < math.log(lo):
+        way = "small" if log_factor > 0 else "large"
+        raise ValueError(
+            f"bandwidth={ell!r} is too {way} for {what} in dtype {dtype_info.dtype}: its values scale "
+            f"as 1/bandwidth^{power} = 1e{log_factor / math.log(10):+.0f}, outside the dtype's range "
+            f"[{lo:.3g}, {hi:.3g}]; rescale the data (and the bandwidth) or use a wider dtype"
+        )
+    return math.exp(log_factor)
 
 
 def coordinate_onehot(xp, dims, n: int, d: int, like, name: str = "dims"):
@@ -86,8 +135,13 @@ class Kernel:
         self.bandwidth = _check_bandwidth(bandwidth)
 
     # -- to be provided by subclasses -------------------------------------------------
-    def radial(self, xp, s, ell: float):
-        r"""Return :math:`(\varphi(s), \varphi'(s), \varphi''(s))` for squared distances ``s``."""
+    def radial(self, xp, t):
+        r"""Return :math:`(\kappa(t), \kappa'(t), \kappa''(t))` for squared distances ``t`` in units of
+        the bandwidth (``t = ‖x − y‖²/ℓ²``, possibly ``inf``: the limits there).
+
+        Subclasses implement it; the base class applies the powers of ``ℓ``. It must satisfy
+        ``|2κ'(t)| + |4κ''(t)| t <= 2`` (true of both kernels here).
+        """
         raise NotImplementedError
 
     def _params(self) -> dict:
@@ -111,6 +165,19 @@ class Kernel:
 
     def _ell(self, x, y) -> float:
         return self.resolve(x, y).bandwidth
+
+    def _prepare(self, x, y, names=("x", "y")):
+        """Validated ``(xp, x, y, out_dtype, ell)``; ``x``, ``y`` in the work dtype."""
+        xp, x, y = _backend.float_pair(x, y, names=names)
+        out = x.dtype
+        work = _backend.work_dtype(xp, out)
+        if work != out:
+            x, y = xp.astype(x, work), xp.astype(y, work)
+        return xp, x, y, out, self._ell(x, y)
+
+    @staticmethod
+    def _cast(xp, a, out):
+        return a if a.dtype == out else xp.astype(a, out)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
@@ -136,10 +203,11 @@ class Kernel:
         array, shape (n, m)
             ``[n, m] = k(x_n, y_m)``.
         """
-        xp, x, y = _backend.float_pair(x, y)
-        u = x[:, None, :] - y[None, :, :]
-        phi, _, _ = self.radial(xp, xp.vecdot(u, u), self._ell(x, y))
-        return phi
+        xp, x, y, out, ell = self._prepare(x, y)
+        with _backend.ignore_overflow():  # t = inf: out of reach, the limit 0 (module notes)
+            u = _scaled_differences(xp, x[:, None, :], y[None, :, :], 1.0 / ell)
+            phi, _, _ = self.radial(xp, xp.vecdot(u, u))
+        return self._cast(xp, phi, out)
 
     def grad_x(self, x, y):
         r"""Gradient in the first argument.
@@ -154,10 +222,13 @@ class Kernel:
         array, shape (n, m, d)
             ``[n, m, a] = ∂_{x_a} k(x_n, y_m) = 2 φ'(s) (x_n − y_m)_a``.
         """
-        xp, x, y = _backend.float_pair(x, y)
-        u = x[:, None, :] - y[None, :, :]
-        _, dphi, _ = self.radial(xp, xp.vecdot(u, u), self._ell(x, y))
-        return 2 * dphi[..., None] * u
+        xp, x, y, out, ell = self._prepare(x, y)
+        factor = _bandwidth_power(ell, 1, xp.finfo(out), "grad_x")
+        with _backend.ignore_overflow():
+            u = _scaled_differences(xp, x[:, None, :], y[None, :, :], 1.0 / ell)
+            _, dphi, _ = self.radial(xp, xp.vecdot(u, u))
+            g = (2 * factor) * dphi[..., None] * u
+        return self._cast(xp, g, out)
 
     def cross_hessian(self, x, y):
         r"""Mixed second derivative, one ``d × d`` block per pair of points.
@@ -173,13 +244,16 @@ class Kernel:
             ``[n, m, a, b] = ∂_{x_a} ∂_{y_b} k(x_n, y_m)
             = −2 φ'(s) δ_ab − 4 φ''(s) u_a u_b`` with ``u = x_n − y_m``.
         """
-        xp, x, y = _backend.float_pair(x, y)
-        u = x[:, None, :] - y[None, :, :]
-        _, dphi, d2phi = self.radial(xp, xp.vecdot(u, u), self._ell(x, y))
+        xp, x, y, out, ell = self._prepare(x, y)
+        factor = _bandwidth_power(ell, 2, xp.finfo(out), "cross_hessian")
         eye = xp.eye(x.shape[1], dtype=x.dtype, device=_backend.device(x))
-        return (-2 * dphi)[..., None, None] * eye - (4 * d2phi)[..., None, None] * (
-            u[..., :, None] * u[..., None, :]
-        )
+        with _backend.ignore_overflow():
+            u = _scaled_differences(xp, x[:, None, :], y[None, :, :], 1.0 / ell)
+            _, dphi, d2phi = self.radial(xp, xp.vecdot(u, u))
+            # (κ'' û_a) û_b: never 0 · inf where the points are out of reach
+            uu = ((4 * d2phi)[..., None] * u)[..., :, None] * u[..., None, :]
+            h = (-2 * dphi)[..., None, None] * eye - uu
+        return self._cast(xp, factor * h, out)
 
     def cross_hessian_rows(self, x, dims, y):
         r"""Rows of the cross Hessian selected by one coordinate per point of ``x``.
@@ -203,26 +277,31 @@ class Kernel:
             = −2 φ'(s) δ_{i_m b} − 4 φ''(s) u_{i_m} u_b``, ``u = x_m − y_n``;
             equal to ``cross_hessian(x, y)[m, n, dims[m], :]``.
         """
-        xp, x, y = _backend.float_pair(x, y)
+        xp, x, y, out, ell = self._prepare(x, y)
+        factor = _bandwidth_power(ell, 2, xp.finfo(out), "cross_hessian_rows")
         onehot = coordinate_onehot(xp, dims, x.shape[0], x.shape[1], x)
-        return self._rows(xp, x, onehot, y, self._ell(x, y))
+        return self._cast(xp, factor * self._rows(xp, x, onehot, y, 1.0 / ell), out)
 
-    def _rows(self, xp, x, onehot, y, ell: float):
-        """:meth:`cross_hessian_rows` on validated inputs (``onehot`` is ``(M, d)``)."""
-        u = x[:, None, :] - y[None, :, :]
-        # u[m, n, i_m] = x[m, i_m] - y[n, i_m], without an (M, N, d) temporary
-        u_sel = xp.sum(x * onehot, axis=1)[:, None] - onehot @ y.T
-        alpha, beta = self._row_coefficients(xp, xp.vecdot(u, u), u_sel, ell)
-        return alpha[..., None] * u + beta[..., None] * onehot[:, None, :]
+    def _rows(self, xp, x, onehot, y, inv_ell: float = 1.0):
+        """:meth:`cross_hessian_rows` times ``ℓ²`` (in units of the bandwidth), on validated
+        inputs (``onehot`` is ``(M, d)``; ``inv_ell = 1/ℓ``, or ``1`` for points already in
+        units of the bandwidth)."""
+        with _backend.ignore_overflow():
+            u = _scaled_differences(xp, x[:, None, :], y[None, :, :], inv_ell)
+            # û[m, n, i_m] without a second (M, N, d) temporary
+            u_sel = _scaled_differences(xp, xp.sum(x * onehot, axis=1)[:, None], onehot @ y.T, inv_ell)
+            alpha, beta = self._row_coefficients(xp, xp.vecdot(u, u), u_sel)
+            return alpha[..., None] * u + beta[..., None] * onehot[:, None, :]
 
-    def _row_coefficients(self, xp, s, u_sel, ell: float):
-        """``(α, β)``, each ``(M, N)``, with row ``[m, n, :] = α u + β e_{i_m}`` (``u = x_m − y_n``).
+    def _row_coefficients(self, xp, t, u_sel):
+        """``(α, β)``, each ``(M, N)``, with row ``[m, n, :] = α û + β e_{i_m}`` (``û = (x_m − y_n)/ℓ``),
+        in units of the bandwidth (the row of the cross Hessian times ``ℓ²``).
 
-        From ``∂_{x_a}∂_{y_b} k = −2φ'(s) δ_ab − 4φ''(s) u_a u_b`` at ``a = i_m``:
-        ``α = −4 φ''(s) u_{i_m}`` and ``β = −2 φ'(s)``, for squared distances ``s`` and selected
-        differences ``u_sel = u_{i_m}``.
+        From ``ℓ² ∂_{x_a}∂_{y_b} k = −2κ'(t) δ_ab − 4κ''(t) û_a û_b`` at ``a = i_m``:
+        ``α = −4 κ''(t) û_{i_m}`` and ``β = −2 κ'(t)``, for squared distances ``t = ‖û‖²`` and
+        selected differences ``u_sel = û_{i_m}``.
         """
-        _, dphi, d2phi = self.radial(xp, s, ell)
+        _, dphi, d2phi = self.radial(xp, t)
         return -4 * d2phi * u_sel, -2 * dphi
 
     def cross_hessian_selected(self, x, dims_x, y, dims_y):
@@ -241,18 +320,20 @@ class Kernel:
             ``[m, p] = ∂_{x_{i_m}} ∂_{y_{j_p}} k(x_m, y_p)``; with ``x = y`` the Nyström
             basis points this is the matrix ``K`` of the estimator.
         """
-        xp, x, y = _backend.float_pair(x, y)
+        xp, x, y, out, ell = self._prepare(x, y)
+        factor = _bandwidth_power(ell, 2, xp.finfo(out), "cross_hessian_selected")
         ex = coordinate_onehot(xp, dims_x, x.shape[0], x.shape[1], x, "dims_x")
         ey = coordinate_onehot(xp, dims_y, y.shape[0], y.shape[1], y, "dims_y")
-        return self._selected(xp, x, ex, y, ey, self._ell(x, y))
+        return self._cast(xp, factor * self._selected(xp, x, ex, y, ey, 1.0 / ell), out)
 
-    def _selected(self, xp, x, ex, y, ey, ell: float):
-        """:meth:`cross_hessian_selected` on validated inputs (one-hot ``ex``, ``ey``)."""
-        u = x[:, None, :] - y[None, :, :]
-        _, dphi, d2phi = self.radial(xp, xp.vecdot(u, u), ell)
-        ua = xp.sum(x * ex, axis=1)[:, None] - ex @ y.T  # u[m, p, i_m]
-        ub = x @ ey.T - xp.sum(y * ey, axis=1)[None, :]  # u[m, p, j_p]
-        return -2 * dphi * (ex @ ey.T) - 4 * d2phi * ua * ub
+    def _selected(self, xp, x, ex, y, ey, inv_ell: float = 1.0):
+        """:meth:`cross_hessian_selected` times ``ℓ²`` on validated inputs (one-hot ``ex``, ``ey``)."""
+        with _backend.ignore_overflow():
+            u = _scaled_differences(xp, x[:, None, :], y[None, :, :], inv_ell)
+            _, dphi, d2phi = self.radial(xp, xp.vecdot(u, u))
+            ua = _scaled_differences(xp, xp.sum(x * ex, axis=1)[:, None], ex @ y.T, inv_ell)  # û[m, p, i_m]
+            ub = _scaled_differences(xp, x @ ey.T, xp.sum(y * ey, axis=1)[None, :], inv_ell)  # û[m, p, j_p]
+            return -2 * dphi * (ex @ ey.T) - 4 * d2phi * ua * ub  # (κ'' û_a) û_b: no 0 · inf
 
 
 class Gaussian(Kernel):
@@ -281,10 +362,9 @@ class Gaussian(Kernel):
     (1, 1, 2, 2)
     """
 
-    def radial(self, xp, s, ell: float):
-        inv = 1.0 / (2.0 * ell * ell)
-        phi = xp.exp(-s * inv)
-        return phi, -inv * phi, (inv * inv) * phi
+    def radial(self, xp, t):
+        phi = xp.exp(-0.5 * t)
+        return phi, -0.5 * phi, 0.25 * phi
 
 
 class RationalQuadratic(Kernel):
@@ -313,10 +393,10 @@ class RationalQuadratic(Kernel):
     def _params(self) -> dict:
         return {"bandwidth": self.bandwidth, "alpha": self.alpha}
 
-    def radial(self, xp, s, ell: float):
+    def radial(self, xp, t):
         a = self.alpha
-        c = 1.0 / (2.0 * a * ell * ell)
-        base = 1.0 + c * s
+        c = 1.0 / (2.0 * a)
+        base = 1.0 + c * t
         # powers through exp/log: one transcendental pair, accurate for any alpha
         log_base = xp.log(base)
         phi = xp.exp(-a * log_base)

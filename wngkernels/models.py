@@ -31,9 +31,7 @@ class _LocationScale:
     """``X = a + r Z`` with a scalar scale ``r``; ``θ = (a_1..a_d, r)``, ``q = d + 1``."""
 
     def __init__(self, d: int):
-        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-            raise ValueError(f"d must be an int >= 1; got {d!r}")
-        self.d = int(d)
+        self.d = _backend.check_int(d, "d", minimum=1)
 
     @property
     def num_params(self) -> int:
@@ -104,6 +102,7 @@ class GaussianModel(_LocationScale):
 
     def sample_latent(self, n: int, rng=None, like=None):
         """``n`` draws of ``Z ~ N(0, I_d)``, ``(n, d)``, NumPy or ``like``'s namespace."""
+        n = _backend.check_int(n, "n", minimum=1)
         return _like(np.random.default_rng(rng).standard_normal((n, self.d)), like)
 
     def _scale_metric(self) -> float:
@@ -124,7 +123,7 @@ class HypersphereModel(_LocationScale):
 
     def sample_latent(self, n: int, rng=None, like=None):
         """``n`` points uniform on the unit sphere, ``(n, d)``."""
-        z = np.random.default_rng(rng).standard_normal((n, self.d))
+        z = np.random.default_rng(rng).standard_normal((_backend.check_int(n, "n", minimum=1), self.d))
         return _like(z / np.linalg.norm(z, axis=1, keepdims=True), like)
 
     def _scale_metric(self) -> float:
@@ -141,8 +140,7 @@ class DiagonalGaussianModel:
     """
 
     def __init__(self, d: int):
-        _LocationScale(d)  # same validation
-        self.d = int(d)
+        self.d = _backend.check_int(d, "d", minimum=1)
 
     @property
     def num_params(self) -> int:
@@ -155,6 +153,7 @@ class DiagonalGaussianModel:
 
     def sample_latent(self, n: int, rng=None, like=None):
         """``n`` draws of ``Z ~ N(0, I_d)``."""
+        n = _backend.check_int(n, "n", minimum=1)
         return _like(np.random.default_rng(rng).standard_normal((n, self.d)), like)
 
     _check = _LocationScale._check

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _backend
+
 __all__ = ["NystromBasis", "nystrom_basis"]
 
 
@@ -121,8 +123,7 @@ def nystrom_basis(samples, num_basis: int | None, *, rng=None, exact: bool = Fal
     n, d = int(shape[0]), int(shape[1])
     if exact:
         return NystromBasis.exact(n, d)
-    if isinstance(num_basis, bool) or not isinstance(num_basis, (int, np.integer)):
-        raise TypeError(f"num_basis must be an int; got {num_basis!r}")
+    num_basis = _backend.check_int(num_basis, "num_basis")
     if not 1 <= num_basis <= n * d:
         raise ValueError(f"num_basis must be in [1, N·d = {n * d}]; got {num_basis}")
     gen = np.random.default_rng(rng)

@@ -1,6 +1,22 @@
 r"""Solving the whitened KWNG system: whitening, damping, and ``(T̃ᵀT̃ + ε D⁻¹)⁻¹ g``.
 
 See :mod:`wngkernels.estimator` for the notation; ``docs/accuracy.md`` measures the forms.
+
+**Scale.** Every step is invariant to the scale of its inputs: :func:`~wngkernels.whiten` divides
+``CCᵀ + λK`` by its largest entry before the eigen-decomposition, :func:`~wngkernels.factorize_whitened`
+divides ``S = T̃ D^{1/2}`` by its largest entry before forming a Gram matrix, and
+:func:`~wngkernels.damping_from_whitened` takes column norms with a per-column scale. So nothing over- or
+underflows before the result would: inputs scaled by ``s`` with ``ε`` scaled by ``s²`` give the
+direction divided by ``s²`` to the dtype's precision, for any ``s`` the dtype holds.
+
+**Half precision.** ``float16`` and ``bfloat16`` inputs are computed in ``float32`` and the
+results cast back; a result beyond the half-precision range is refused with a ``ValueError``.
+
+**Finiteness.** ``cc``, ``k``, ``grad`` and ``damping`` are checked (a ``ValueError`` naming
+them). ``t`` and ``t_white`` are not: a non-finite ``T`` gives non-finite rows of ``T̃`` and a
+non-finite direction (or the backend's ``LinAlgError`` from the eigen-decomposition), which the
+PyTorch preconditioner detects to fall back to ``g``. :func:`~wngkernels.kwng_direction`
+checks its ``T`` (from a finite Jacobian or VJP), so it never returns a non-finite direction.
 """
 
 from __future__ import annotations
@@ -26,25 +42,52 @@ def _eps_floor(xp, dtype) -> float:
     return float(xp.finfo(dtype).eps)
 
 
+def _pow2(value: float) -> float:
+    """A power of two ``c`` with ``c <= value < 2c`` (``value > 0`` finite): exact to divide by."""
+    return math.ldexp(1.0, math.frexp(value)[1] - 1)
+
+
+def _cast_back(xp, a, dtype, name: str):
+    """``a`` in ``dtype``; a ``ValueError`` naming ``name`` if the cast overflows (half precision)."""
+    if a.dtype == dtype:
+        return a
+    with _backend.ignore_overflow():
+        out = xp.astype(a, dtype)
+    if bool(xp.any(xp.isinf(out) & xp.isfinite(a))):
+        raise ValueError(f"{name} overflows {dtype}: its entries reach {_backend.max_abs(xp, a):.3g}; "
+                         "use float32 or float64")
+    return out
+
+
+def _norm(xp, v, axis=None):
+    """Euclidean norm along ``axis`` without over- or underflow: ``m · ‖v/m‖``, ``m = max |v|``."""
+    m = xp.max(xp.abs(v), axis=axis)
+    safe = xp.where(m > 0, m, 1.0)
+    r = v / (safe if axis is None else xp.expand_dims(safe, axis=axis))
+    return m * xp.sqrt(xp.sum(r * r, axis=axis))
+
+
 def whiten(cc, t, *, k=None, lam: float = 0.0, rcond: float | None = None, scale: float = 1.0):
     r"""Whitened :math:`\tilde T = \Sigma^{\dagger 1/2} V^\top T`.
 
-    Here :math:`CC^\top + \lambda K = V\Sigma V^\top` (one symmetric eigen-decomposition).
+    Here :math:`CC^\top + \lambda K = V\Sigma V^\top` (one symmetric eigen-decomposition, of the
+    matrix divided by its largest entry: any scale of ``cc`` is safe).
 
     :math:`\tilde T^\top \tilde T = T^\top (CC^\top + \lambda K)^\dagger T = \hat G`.
 
     Parameters
     ----------
     cc : array, shape (M, M)
-        :math:`CC^\top` (:func:`cc_gram`).
+        :math:`CC^\top` (:func:`cc_gram`); finite.
     t : array, shape (M, q)
-        :math:`T` (:func:`t_matrix`).
+        :math:`T` (:func:`t_matrix`). Not checked for finiteness: non-finite entries give
+        non-finite rows of the result (see the module notes).
     k : array, shape (M, M), optional
-        :math:`K` (:func:`k_gram`); required when ``lam > 0``.
+        :math:`K` (:func:`k_gram`); required when ``lam > 0``; finite.
     lam : float
         RKHS regularisation :math:`\lambda \ge 0`.
     rcond : float, optional
-        Relative cut-off: eigenvalues ``<= rcond · max`` count as zero. Default
+        Relative cut-off ``>= 0``: eigenvalues ``<= rcond · max`` count as zero. Default
         ``M · eps`` of the dtype (``eps = 2.2e-16`` in float64, ``1.2e-7`` in float32),
         the level below which an eigenvalue of a computed Gram matrix is rounding noise.
     scale : float
@@ -54,26 +97,58 @@ def whiten(cc, t, *, k=None, lam: float = 0.0, rcond: float | None = None, scale
     Returns
     -------
     array, shape (M, q)
-        Rows of cut directions are zero.
+        Rows of cut directions are zero; all zero if ``cc + lam · k`` is zero. In the dtype of
+        the inputs (half precision is computed in ``float32``).
+
+    Raises
+    ------
+    ValueError
+        If ``cc`` or ``k`` holds NaN or Inf, a shape is wrong, ``lam``, ``rcond`` or ``scale`` is out
+        of range, or ``k`` is missing while ``lam > 0``.
+    TypeError
+        If an argument is not an array, or a scalar is not a real number.
     """
     xp = _backend.namespace(cc, t, k, names=("cc", "t", "k"))
-    lam = _check_nonneg(lam, "lam")
-    m = cc.shape[0]
-    if cc.ndim != 2 or cc.shape[1] != m:
+    lam = _backend.check_positive_scalar(lam, "lam", allow_zero=True)
+    scale = _backend.check_positive_scalar(scale, "scale")
+    if rcond is not None:
+        rcond = _backend.check_positive_scalar(rcond, "rcond", allow_zero=True)
+    if cc.ndim != 2 or cc.shape[0] != cc.shape[1]:
         raise ValueError(f"cc must be square (M, M); got shape {tuple(cc.shape)}")
+    m = cc.shape[0]
     if t.ndim != 2 or t.shape[0] != m:
         raise ValueError(f"t must have shape (M, q) with M = {m}; got {tuple(t.shape)}")
-    a = cc
+    if lam > 0 and (k is None or tuple(k.shape) != (m, m)):
+        raise ValueError(f"lam > 0 needs k of shape ({m}, {m}); got {None if k is None else tuple(k.shape)}")
+    out = _backend.result_float_dtype(xp, cc, t)
+    work = _backend.work_dtype(xp, out)
+    cc = cc if cc.dtype == work else xp.astype(cc, work)
+    t = t if t.dtype == work else xp.astype(t, work)  # (M, q): no copy unless half precision
+    c_cc = _backend.max_abs(xp, cc)
+    if not math.isfinite(c_cc):
+        raise ValueError("cc must be finite; it contains NaN or Inf")
+    c_k = 0.0
     if lam > 0:
-        if k is None or tuple(k.shape) != (m, m):
-            got = None if k is None else tuple(k.shape)
-            raise ValueError(f"lam > 0 needs k of shape ({m}, {m}); got {got}")
-        a = cc + lam * k
-    rcond = m * _eps_floor(xp, a.dtype) if rcond is None else _check_nonneg(rcond, "rcond")
+        k = k if k.dtype == work else xp.astype(k, work)
+        c_k = _backend.max_abs(xp, k)
+        if not math.isfinite(c_k):
+            raise ValueError("k must be finite; it contains NaN or Inf")
+    c_lk = lam * c_k
+    if not math.isfinite(c_lk):
+        raise ValueError(f"lam · max|k| overflows: lam={lam!r}, max|k|={c_k:.3g}")
+    top = max(c_cc, c_lk)
+    if top == 0:  # no information at all: every direction is cut
+        return xp.zeros((m, t.shape[1]), dtype=out, device=_backend.device(t))
+    c = _pow2(top)
+    a = cc / c
+    if c_lk > 0:
+        a = a + (k / c_k) * (c_lk / c)  # both factors <= 2: no overflow whatever lam and the scales
+    rcond = m * _eps_floor(xp, work) if rcond is None else rcond
     sigma, v = xp.linalg.eigh((a + a.T) / 2)
     keep = sigma > rcond * xp.max(sigma)
-    inv_sqrt = xp.where(keep, _check_positive(scale, "scale") / xp.sqrt(xp.where(keep, sigma, 1.0)), 0.0)
-    return (inv_sqrt[:, None] * v.T) @ t  # the M × M factor first: one pass over the (M, q) matrix
+    inv_sqrt = xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, sigma, 1.0)), 0.0) * (scale / math.sqrt(c))
+    # the M × M factor first: one pass over the (M, q) matrix
+    return _cast_back(xp, (inv_sqrt[:, None] * v.T) @ t, out, "t_white")
 
 
 #: The authors' guard in ``D_jj = 1/(‖T̃_j‖ + floor)`` (their code's ``1e-8``), in the units of ``T̃``.
@@ -106,12 +181,21 @@ def damping_from_whitened(t_white, *, floor: float = DAMPING_FLOOR):
     Returns
     -------
     array, shape (q,)
-        ``1/(‖T̃_j‖ + floor)`` where the column is non-zero, ``0`` where it is zero.
+        ``1/(‖T̃_j‖ + floor)`` where the column is non-zero, ``0`` where it is zero (or not
+        finite: such a column carries no usable information either). The norms are taken with
+        a per-column scale, so no column of any magnitude is mistaken for zero or infinite.
     """
     xp = _backend.namespace(t_white, names=("t_white",))
-    floor = _check_positive(floor, "floor")
-    norms = xp.sqrt(xp.sum(t_white * t_white, axis=0))  # (vector_norm along axis 0 is 10x slower in torch)
-    return xp.where(norms > 0, 1.0 / (norms + floor), 0.0)
+    floor = _backend.check_positive_scalar(floor, "floor")
+    if t_white.ndim != 2:
+        raise ValueError(f"t_white must be 2-D (M, q); got shape {tuple(t_white.shape)}")
+    out = _backend.result_float_dtype(xp, t_white)
+    work = _backend.work_dtype(xp, out)
+    t_white = t_white if t_white.dtype == work else xp.astype(t_white, work)
+    norms = _norm(xp, t_white, axis=0)  # (vector_norm along axis 0 is 10x slower in torch)
+    # 1/(n + floor) <= 1/floor: representable for any floor the dtype holds
+    inv = 1.0 / (xp.where(norms > 0, norms, 1.0) + floor)
+    return xp.astype(xp.where(norms > 0, inv, 0.0), out)
 
 
 _FORMS = ("auto", "primal", "dual", "dual-qr")
@@ -151,8 +235,7 @@ def _unseen_step(xp, w, grad, excluded):
     synchronisation.
     """
     g_u = xp.where(excluded, grad, 0.0)
-    w_s, g_s = xp.sqrt(xp.sum(w * w)), xp.sqrt(xp.sum((grad - g_u) ** 2))
-    g_un = xp.sqrt(xp.sum(g_u * g_u))
+    w_s, g_s, g_un = _norm(xp, w), _norm(xp, grad - g_u), _norm(xp, g_u)
     rho = xp.where(g_s > 0, w_s / xp.where(g_s > 0, g_s, 1.0), 1.0)
     # share ‖w_U‖/‖w‖ <= s  ⇔  ‖w_U‖ <= ‖w_S‖ · s/√(1 − s²)
     cap = w_s * (UNSEEN_SHARE / math.sqrt(1.0 - UNSEEN_SHARE**2))
@@ -164,11 +247,13 @@ def _unseen_step(xp, w, grad, excluded):
 class WhitenedSolver:
     r"""``g ↦ (T̃ᵀT̃ + ε D⁻¹)⁻¹ g`` for any ``ε``, factorised once (:func:`factorize_whitened`).
 
-    With ``S = T̃ D^{1/2}`` and ``h = D^{1/2} g``, it stores ``V`` with orthonormal columns and
-    ``μ`` such that ``SᵀS = V diag(μ) Vᵀ``, and in the dual form the orthonormal ``Q`` spanning
-    the range of ``Sᵀ``: then ``(SᵀS + εI)⁻¹h = V diag(1/(μ + ε)) Vᵀh [+ ε⁻¹(h − QQᵀh)]``.
-    A solve costs a few products with ``V`` (and ``Q``) — what a training loop needs between
-    refreshes of ``T̃``, for any ``ε``.
+    With ``S = T̃ D^{1/2}`` and ``h = D^{1/2} g``, it stores ``V`` with orthonormal columns, a
+    scale ``τ`` and ``μ`` such that ``SᵀS = τ² V diag(μ) Vᵀ``, and in the dual form the
+    orthonormal ``Q`` spanning the range of ``Sᵀ``: then
+    ``(SᵀS + εI)⁻¹h = τ⁻² V diag(1/(μ + ε/τ²)) Vᵀh [+ ε⁻¹(h − QQᵀh)]``. A solve costs a few
+    products with ``V`` (and ``Q``) — what a training loop needs between refreshes of ``T̃``,
+    for any ``ε``. ``τ`` (near the largest entry of ``S``) keeps every intermediate in range:
+    the direction is accurate whenever it is representable, whatever the scale of ``T̃``.
 
     **Excluded parameters.** Where ``D_jj = 0`` (:func:`damping_from_whitened` gives it to the
     parameters the outputs do not see) the parameter is left out of the solve, then takes the
@@ -183,13 +268,16 @@ class WhitenedSolver:
     vectors : array, shape (q, k)
         ``V`` (``k = q`` in the primal form, ``k = M`` in the dual form).
     values : array, shape (k,)
-        ``μ >= 0``.
+        ``μ >= 0``, the eigenvalues of ``SᵀS / τ²``.
     root : array, shape (q,) or None
         ``D^{1/2}`` (zero on excluded parameters); ``None`` for ``D = I``.
     span : array, shape (q, M) or None
         ``Q`` in the dual form; ``None`` in the primal form, where ``V`` spans ``R^q``.
     excluded : array of bool, shape (q,), or None
         Where ``D_jj = 0``; ``None`` when no parameter is excluded (the rule is then skipped).
+    scale : float
+        ``τ``: a power of two within a factor 2 of the largest entry of ``S`` (``1`` if ``S`` is
+        zero or not finite).
     """
 
     vectors: Any
@@ -197,22 +285,70 @@ class WhitenedSolver:
     root: Any
     span: Any
     excluded: Any = None
+    scale: float = 1.0
 
-    def solve(self, grad, eps: float):
-        """The direction ``w`` ``(q,)`` for the gradient ``grad`` ``(q,)`` and damping ``eps > 0``."""
+    def solve(self, grad, eps: float, *, check_finite: bool = True):
+        """The direction ``w`` ``(q,)`` for the gradient ``grad`` ``(q,)`` and damping ``eps > 0``.
+
+        Computed in the solver's dtype, returned in ``grad``'s floating dtype. ``w`` is finite
+        when ``grad`` and the factorised ``T̃`` are, unless ``eps`` is so small that ``w``
+        overflows the dtype (:func:`solve_whitened` checks that; this method, called once per
+        training step, reads nothing back but ``grad``'s finiteness).
+
+        Parameters
+        ----------
+        grad : array, shape (q,)
+        eps : float
+        check_finite : bool
+            Refuse a ``grad`` holding NaN or Inf (one scalar read). A caller that has checked
+            ``grad`` already (the PyTorch preconditioner) passes ``False``: the solve then reads
+            nothing back, and a non-finite ``grad`` gives a non-finite ``w``.
+
+        Raises
+        ------
+        ValueError
+            If ``grad`` has the wrong shape or (with ``check_finite``) holds NaN or Inf, or
+            ``eps`` is not ``> 0``.
+        TypeError
+            If ``grad`` is not an array of the solver's library, or ``eps`` not a real number.
+        """
         xp = _backend.namespace(grad, self.vectors, names=("grad", "vectors"))
-        eps = _check_positive(eps, "eps")
+        eps = _backend.check_positive_scalar(eps, "eps")
         q = self.vectors.shape[0]
-        if grad.ndim != 1 or grad.shape[0] != q:
-            raise ValueError(f"grad must have shape (q,) = ({q},); got {tuple(grad.shape)}")
-        h = grad if self.root is None else self.root * grad
-        x = self.vectors @ ((self.vectors.T @ h) / (self.values + eps))
-        if self.span is not None:
-            x = x + (h - self.span @ (self.span.T @ h)) / eps
-        if self.root is None:
-            return x
-        w = self.root * x
-        return w if self.excluded is None else _unseen_step(xp, w, grad, self.excluded)
+        _backend.check_shape(grad, "grad", (q,), "(q,)")
+        out = _backend.result_float_dtype(xp, grad)
+        grad = grad if grad.dtype == self.vectors.dtype else xp.astype(grad, self.vectors.dtype)
+        if check_finite:
+            _backend.require_finite(xp, grad, "grad")
+        with _backend.ignore_overflow():  # an overflow (eps too small) is refused by the callers' check
+            h = grad if self.root is None else self.root * grad
+            tau = self.scale
+            # in units of τ²: eps/τ² and μ are moderate whatever the scale of T̃; dividing by τ twice
+            # passes through magnitudes between x and w, so nothing overflows that w would not
+            x = self.vectors @ ((self.vectors.T @ h) / (self.values + eps / tau / tau))
+            x = x / tau / tau if tau != 1 else x
+            if self.span is not None:
+                x = x + (h - self.span @ (self.span.T @ h)) / eps
+            if self.root is not None:
+                x = self.root * x
+                if self.excluded is not None:
+                    x = _unseen_step(xp, x, grad, self.excluded)
+            return x if x.dtype == out else xp.astype(x, out)
+
+
+def _check_damping(xp, damping, q: int, dtype):
+    """``damping`` ``(q,)`` in ``dtype``, finite and ``>= 0``, and whether any entry is 0 (one read)."""
+    if not _backend.in_namespace(damping, xp):
+        raise TypeError(f"damping must be an array of t_white's library or None; "
+                        f"got {type(damping).__name__}")
+    _backend.check_shape(damping, "damping", (q,), "(q,)")
+    damping = damping if damping.dtype == dtype else xp.astype(damping, dtype)
+    ok = xp.isfinite(damping) & (damping >= 0)
+    # one scalar read: 2 for a bad entry, else 1 if an entry is 0
+    flag = int(xp.max(xp.where(ok, xp.astype(damping == 0, xp.int32), 2))) if q else 0
+    if flag == 2:
+        raise ValueError("damping must be finite and >= 0 everywhere (0 excludes a parameter)")
+    return damping, flag == 1
 
 
 def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> WhitenedSolver:
@@ -221,10 +357,10 @@ def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> Whitened
     Parameters
     ----------
     t_white : array, shape (M, q)
-        :math:`\tilde T` (:func:`whiten`).
+        :math:`\tilde T` (:func:`whiten`). Not checked for finiteness (see the module notes).
     damping : array, shape (q,), optional
-        The diagonal of ``D``, ``>= 0``; ``None`` for ``D = I``. Zeros exclude parameters from
-        the solve (see :class:`WhitenedSolver`).
+        The diagonal of ``D``, finite and ``>= 0``; ``None`` for ``D = I``. Zeros exclude
+        parameters from the solve (see :class:`WhitenedSolver`).
     form : {"auto", "primal", "dual", "dual-qr"}
         ``"primal"`` eigen-decomposes the ``q × q`` matrix ``SᵀS``. The dual forms take ``Q``
         ``(q, M)`` orthonormal, spanning the range of ``Sᵀ``, and eigen-decompose the ``M × M``
@@ -232,23 +368,41 @@ def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> Whitened
         eigen-decompositions (matrix products only: fast on GPUs), ``"dual-qr"`` from a
         Householder QR (the most accurate on strongly graded ``T̃``, but slow for tall matrices
         on GPUs). ``"auto"`` picks ``"primal"`` when ``q <= M``, else ``"dual"``.
-        ``docs/accuracy.md`` measures all of them.
+        ``docs/accuracy.md`` measures all of them. ``S`` is divided by its largest entry first
+        (one scalar read), so any scale of ``T̃`` is safe.
 
     Returns
     -------
     WhitenedSolver
+        In ``t_white``'s dtype (``float32`` for half-precision input).
+
+    Raises
+    ------
+    ValueError
+        If ``t_white`` is not 2-D, ``damping`` has the wrong shape or an entry that is negative,
+        NaN or Inf, or ``form`` is an unknown name.
+    TypeError
+        If ``form`` is not a string, or an argument is not an array.
     """
     xp = _backend.namespace(t_white, damping, names=("t_white", "damping"))
     if t_white.ndim != 2:
         raise ValueError(f"t_white must be 2-D (M, q); got shape {tuple(t_white.shape)}")
     m, q = t_white.shape
-    if form not in _FORMS:
-        raise ValueError(f"form must be one of {', '.join(map(repr, _FORMS))}; got {form!r}")
-    root = None if damping is None else xp.sqrt(damping)
-    excluded = None
-    if damping is not None and bool(xp.any(damping == 0)):  # one host check per factorisation
-        excluded = damping == 0
+    form = _backend.check_choice(form, "form", _FORMS)
+    work = _backend.work_dtype(xp, _backend.result_float_dtype(xp, t_white))
+    t_white = t_white if t_white.dtype == work else xp.astype(t_white, work)
+    root = excluded = None
+    if damping is not None:
+        damping, any_zero = _check_damping(xp, damping, q, work)
+        root = xp.sqrt(damping)
+        excluded = (damping == 0) if any_zero else None
     s = t_white if root is None else t_white * root[None, :]
+    tau = _backend.max_abs(xp, s)
+    if 0 < tau < math.inf:  # non-finite S (see the module notes) is left to the decomposition
+        tau = _pow2(tau)
+        s = s / tau
+    else:
+        tau = 1.0
     if form == "primal" or (form == "auto" and q <= m):
         mu, vectors = xp.linalg.eigh(s.T @ s)
         span = None
@@ -257,43 +411,75 @@ def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> Whitened
         b = s @ basis  # (M, M): SQ, so QᵀSᵀSQ = bᵀb
         mu, u = xp.linalg.eigh(b.T @ b)
         vectors, span = basis @ u, basis
-    return WhitenedSolver(vectors, xp.where(mu > 0, mu, 0.0), root, span, excluded)
+    return WhitenedSolver(vectors, xp.where(mu > 0, mu, 0.0), root, span, excluded, tau)
 
 
 def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto"):
     r"""``w = (T̃ᵀ T̃ + ε D⁻¹)⁻¹ g`` — the KWNG direction from the whitened ``T̃``.
 
-    ``factorize_whitened(t_white, damping=damping, form=form).solve(grad, eps)``.
+    ``factorize_whitened(t_white, damping=damping, form=form).solve(grad, eps)``, with the
+    checks of both, and one more: a direction that overflows the dtype is refused.
 
     Parameters
     ----------
     t_white : array, shape (M, q)
         :math:`\tilde T` (:func:`whiten`).
     grad : array, shape (q,)
-        The Euclidean gradient ``g``.
+        The Euclidean gradient ``g``; finite.
     eps : float
         Damping :math:`\varepsilon > 0`.
     damping : array, shape (q,), optional
-        The diagonal of ``D``, ``>= 0`` (zeros exclude parameters: :class:`WhitenedSolver`);
-        ``None`` for ``D = I``.
+        The diagonal of ``D``, finite and ``>= 0`` (zeros exclude parameters:
+        :class:`WhitenedSolver`); ``None`` for ``D = I``.
     form : {"auto", "primal", "dual", "dual-qr"}
         See :func:`factorize_whitened`.
 
     Returns
     -------
     array, shape (q,)
+        In ``grad``'s floating dtype. Non-finite only where ``t_white`` is (see the module notes).
+
+    Raises
+    ------
+    ValueError
+        If ``grad`` holds NaN or Inf or has the wrong shape, ``eps <= 0``, ``damping`` is invalid
+        (see :func:`factorize_whitened`), or the direction overflows the dtype (``eps`` too small
+        for this ``grad``).
+    TypeError
+        If an argument has the wrong type.
     """
-    _backend.namespace(t_white, grad, damping, names=("t_white", "grad", "damping"))
-    eps = _check_positive(eps, "eps")
+    xp = _backend.namespace(t_white, grad, damping, names=("t_white", "grad", "damping"))
+    eps = _backend.check_positive_scalar(eps, "eps")
+    if t_white.ndim != 2:
+        raise ValueError(f"t_white must be 2-D (M, q); got shape {tuple(t_white.shape)}")
     q = t_white.shape[-1]
-    if grad.ndim != 1 or grad.shape[0] != q:
-        raise ValueError(f"grad must have shape (q,) = ({q},); got {tuple(grad.shape)}")
-    return factorize_whitened(t_white, damping=damping, form=form).solve(grad, eps)
+    _backend.check_shape(grad, "grad", (q,), "(q,)")
+    w = factorize_whitened(t_white, damping=damping, form=form).solve(grad, eps)
+    _check_direction(xp, w, eps, t_white, grad)
+    return w
 
 
-def _check_positive(value, name):
-    return _backend.check_positive_scalar(value, name)
+def _check_direction(xp, w, eps: float, t_white=None, grad=None) -> None:
+    """Refuse a direction that over- or underflowed the dtype: ``ValueError`` (one scalar read).
 
-
-def _check_nonneg(value, name) -> float:
-    return _backend.check_positive_scalar(value, name, allow_zero=True)
+    A non-finite ``w`` from a non-finite ``t_white`` (when given) passes: see the module notes.
+    ``w`` is never zero for a non-zero ``grad`` (``T̃ᵀT̃ + εD⁻¹`` is invertible): all of ``w``
+    below the smallest normal number is an underflow.
+    """
+    top = _backend.max_abs(xp, w)
+    info = xp.finfo(w.dtype)
+    if math.isfinite(top):
+        if top >= float(info.smallest_normal) or grad is None or _backend.max_abs(xp, grad) == 0:
+            return
+        raise ValueError(
+            f"the direction underflows {w.dtype} (its entries are below {float(info.smallest_normal):.3g}): "
+            f"eps={eps!r} and the metric are too large for this gradient; rescale the problem or use a "
+            "wider dtype"
+        )
+    if t_white is not None and not math.isfinite(_backend.max_abs(xp, t_white)):
+        return
+    raise ValueError(
+        f"the direction overflows {w.dtype} (its entries exceed {float(info.max):.3g}): eps={eps!r} is "
+        "too small for this gradient and metric (w grows like |g|/eps on directions the metric does not "
+        "see); use a larger eps or a wider dtype"
+    )

@@ -160,7 +160,7 @@ def test_falls_back_to_g_when_w_is_not_a_descent_direction(monkeypatch):
         def __init__(self, *a, **k):
             self.values = torch.zeros(1, dtype=torch.float64)
 
-        def solve(self, g, eps):
+        def solve(self, g, eps, check_finite=True):
             return -g
 
     monkeypatch.setattr(pre, "factorize_whitened", Ascent)

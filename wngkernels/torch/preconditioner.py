@@ -31,7 +31,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..bandwidth import AuthorsRule
+from .._backend import check_int, check_positive_scalar
+from ..bandwidth import AuthorsRule, _bandwidth, _log
 from ..kernels import Gaussian, Kernel
 from ..nystrom import NystromBasis, nystrom_basis
 from ..solve import (
@@ -98,25 +99,18 @@ def _check_schedule(value, name: str, *, positive: bool, allow_none: bool = Fals
         return None
     if callable(value):
         return value
-    _check_value(value, name, positive=positive)
-    return float(value)
+    try:
+        return _check_value(value, name, positive=positive)
+    except TypeError:
+        raise TypeError(f"{name} must be a float or a callable of the step; got {value!r}") from None
 
 
 def _check_value(value, name: str, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float or a callable of the step; got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}; got {value!r}")
-    return v
+    return check_positive_scalar(value, name, allow_zero=not positive)
 
 
 def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= 1; got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    return int(value)
+    return check_int(value, name, minimum=1)
 
 
 class _Draws:
@@ -665,11 +659,9 @@ class KWNG:
             stats = comm.sum_(torch.cat([xd.sum(0), xd.new_tensor([xd.shape[0]])]))
             center = stats[:-1] / stats[-1]
             dev = comm.sum_(((xd - center) ** 2).sum().reshape(1))
-            mean_sq = ((points - center) ** 2).sum(1).mean() + dev[0] / stats[-1]
-            ell = math.sqrt(10.0 ** float(rule.log_bandwidth) * float(mean_sq))
-            if not math.isfinite(ell) or ell <= 0:
-                raise ValueError("AuthorsRule gave a degenerate bandwidth")
-            return kernel.with_bandwidth(ell)
+            mean_sq = float(((points - center) ** 2).sum(1).mean() + dev[0] / stats[-1])
+            # in logarithms, as the rule itself: any log_bandwidth; 0 or an overflow is a ValueError
+            return kernel.with_bandwidth(_bandwidth("AuthorsRule", 0.0, _log(mean_sq), rule.log_bandwidth))
         # another rule: rank 0 evaluates it on its own batch; a failure there (NaN) reaches every rank
         ell = math.nan
         if comm.rank == 0:
@@ -834,10 +826,10 @@ class KWNG:
                     # 10 times a run on the seed's ResNet-18 (H100, float32; docs/benchmarks.md)
                     solver = factorize_whitened(tw.to(g.dtype),
                                                 damping=None if dmp is None else dmp.to(g.dtype))
-                except torch.linalg.LinAlgError:  # a non-finite T: the step falls back to g
+                except (torch.linalg.LinAlgError, ValueError):  # a non-finite T: the step falls back to g
                     return None
                 c.solver = solver
-            return solver.solve(g, self.current_eps())
+            return solver.solve(g, self.current_eps(), check_finite=False)  # g is checked in step()
         if len(present) < len(params):
             sizes = [p.numel() for p in params]
             starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -848,7 +840,7 @@ class KWNG:
         try:
             return solve_whitened(tw.to(g.dtype), g, eps=self.current_eps(),
                                   damping=None if dmp is None else dmp.to(g.dtype))
-        except torch.linalg.LinAlgError:
+        except (torch.linalg.LinAlgError, ValueError):  # non-finite T, or w beyond the dtype: g
             return None
 
     def _adapt(self, loss_now: float | None) -> None:
