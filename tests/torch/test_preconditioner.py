@@ -380,7 +380,9 @@ def test_split_form_equals_precondition():
         b.capture(out2, loss2)
         loss2.backward()
         assert b.step()
-        assert torch.equal(_grads(model.parameters()), _grads(model2.parameters()))
+        # one batched backward against two passes: equal up to the order of float64 sums
+        torch.testing.assert_close(_grads(model.parameters()), _grads(model2.parameters()),
+                                   rtol=1e-12, atol=1e-15)
 
 
 def test_param_groups_and_shared_parameters():
