@@ -185,10 +185,6 @@ class DiagonalGaussianModel:
         return grad
 
 
-def _split(theta, d):
-    return theta[:d], theta[d:]
-
-
 def w2_diagonal_gaussians(theta, theta_target):
     """``W₂²(N(μ₁, diag σ₁²), N(μ₂, diag σ₂²)) = ‖μ₁ − μ₂‖² + ‖σ₁ − σ₂‖²`` for ``θ = (μ, σ)``, ``σ ≥ 0``.
 
