@@ -267,3 +267,31 @@ def test_factorized_solver_reuses_one_factorisation_for_every_eps(form, backend)
         solver.solve(backend.asarray(g), 0.0)
     with pytest.raises(ValueError, match=r"grad must have shape \(q,\) = \(9,\)"):
         solver.solve(backend.asarray(g[:3]), 1e-3)
+
+
+def test_kwng_direction_validates_at_its_door_and_passes_xp_inward(monkeypatch):
+    """One public call: ``eps`` checked once, the namespace resolved by the estimator's door and
+    by the kernel's (the bandwidth rule's), not again by every solve step it uses."""
+    import wngkernels as wk
+    from wngkernels import _backend
+
+    seen = {"namespace": 0, "eps": 0}
+    namespace, check = _backend.namespace, _backend.check_positive_scalar
+
+    def counted_namespace(*a, **k):
+        seen["namespace"] += 1
+        return namespace(*a, **k)
+
+    def counted_check(value, name, **k):
+        seen["eps"] += name == "eps"
+        return check(value, name, **k)
+
+    rng = np.random.default_rng(0)
+    x, jac, g = rng.normal(size=(50, 2)), rng.normal(size=(50, 2, 3)), rng.normal(size=3)
+    basis = wk.nystrom_basis(x, 6, rng=1)
+    monkeypatch.setattr(_backend, "namespace", counted_namespace)
+    monkeypatch.setattr(_backend, "check_positive_scalar", counted_check)
+    wk.kwng_direction(g, x, kernel=wk.Gaussian(wk.AuthorsRule()), basis=basis, eps=1e-3,
+                      damping="jacobian", jacobian=jac)
+    assert seen["eps"] == 1
+    assert seen["namespace"] <= 3

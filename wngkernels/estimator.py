@@ -63,10 +63,10 @@ from .nystrom import NystromBasis
 from .solve import (
     DAMPING_FLOOR,
     _cast_back,
+    _damping_from_whitened,
     _pow2,
-    damping_from_whitened,
-    solve_whitened,
-    whiten,
+    _solve_whitened,
+    _whiten,
 )
 
 __all__ = ["cc_gram", "cotangents", "k_gram", "kwng_direction", "metric_apply", "t_matrix"]
@@ -382,12 +382,12 @@ def _call_vjp(ctx: _Context, vjp: Callable, q: int | None):
 
 
 def _damping(xp, damping, t_white, floor: float):
-    """``D`` for :func:`solve_whitened` (which checks an array's shape and values)."""
+    """``D`` for the solve (whose factorisation checks an array's type, shape and values)."""
     if isinstance(damping, str):
         if damping == "identity":
             return None
         if damping == "jacobian":
-            return damping_from_whitened(t_white, floor=floor)
+            return _damping_from_whitened(xp, t_white, floor)
         raise ValueError(f"damping must be 'identity', 'jacobian' or a positive array (q,); got {damping!r}")
     if not _backend.in_namespace(damping, xp):
         raise TypeError(
@@ -485,7 +485,7 @@ def kwng_direction(grad, samples, *, kernel: Kernel, basis: NystromBasis, eps: f
     if not math.isfinite(_backend.max_abs(xp, t_white)):
         raise ValueError(f"T̃ overflows {t_white.dtype}: the jacobian (or the vjp's output) is too large")
     dmp = _damping(xp, damping, t_white, damping_floor)
-    w = solve_whitened(t_white, grad, eps=eps, damping=dmp, form=form)  # refuses a w out of range
+    w = _solve_whitened(xp, t_white, grad, eps, dmp, form)  # refuses a w out of range
     return _cast_back(xp, w, ctx.out, "the direction w")
 
 
@@ -511,7 +511,7 @@ def _whitened_system(samples, basis, kernel, vec, vec_name, jacobian, vjp, lam, 
     if not math.isfinite(lam_hat):
         raise ValueError(f"lam · bandwidth² overflows: lam={lam!r}, bandwidth={ctx.ell!r}; use a smaller lam")
     k = _k(ctx) if lam > 0 else None
-    return ctx, vec, whiten(cc, t, k=k, lam=lam_hat if lam_hat > 0 else 0.0, rcond=rcond)
+    return ctx, vec, _whiten(ctx.xp, cc, t, k, lam_hat if lam_hat > 0 else 0.0, rcond, 1.0)
 
 
 def metric_apply(v, samples, *, kernel: Kernel, basis: NystromBasis, lam: float = 0.0,

@@ -120,6 +120,12 @@ def whiten(cc, t, *, k=None, lam: float = 0.0, rcond: float | None = None, scale
         raise ValueError(f"t must have shape (M, q) with M = {m}; got {tuple(t.shape)}")
     if lam > 0 and (k is None or tuple(k.shape) != (m, m)):
         raise ValueError(f"lam > 0 needs k of shape ({m}, {m}); got {None if k is None else tuple(k.shape)}")
+    return _whiten(xp, cc, t, k, lam, rcond, scale)
+
+
+def _whiten(xp, cc, t, k, lam: float, rcond: float | None, scale: float):
+    """:func:`whiten` on validated arguments (shapes and scalars checked; values read here)."""
+    m = cc.shape[0]
     out = _backend.result_float_dtype(xp, cc, t)
     work = _backend.work_dtype(xp, out)
     cc = cc if cc.dtype == work else xp.astype(cc, work)
@@ -189,6 +195,11 @@ def damping_from_whitened(t_white, *, floor: float = DAMPING_FLOOR):
     floor = _backend.check_positive_scalar(floor, "floor")
     if t_white.ndim != 2:
         raise ValueError(f"t_white must be 2-D (M, q); got shape {tuple(t_white.shape)}")
+    return _damping_from_whitened(xp, t_white, floor)
+
+
+def _damping_from_whitened(xp, t_white, floor: float):
+    """:func:`damping_from_whitened` on a validated ``(M, q)`` ``t_white`` and ``floor``."""
     out = _backend.result_float_dtype(xp, t_white)
     work = _backend.work_dtype(xp, out)
     t_white = t_white if t_white.dtype == work else xp.astype(t_white, work)
@@ -314,8 +325,11 @@ class WhitenedSolver:
         """
         xp = _backend.namespace(grad, self.vectors, names=("grad", "vectors"))
         eps = _backend.check_positive_scalar(eps, "eps")
-        q = self.vectors.shape[0]
-        _backend.check_shape(grad, "grad", (q,), "(q,)")
+        _backend.check_shape(grad, "grad", (self.vectors.shape[0],), "(q,)")
+        return self._solve(xp, grad, eps, check_finite)
+
+    def _solve(self, xp, grad, eps: float, check_finite: bool):
+        """:meth:`solve` on a validated ``grad`` of shape ``(q,)`` and ``eps > 0``."""
         out = _backend.result_float_dtype(xp, grad)
         grad = grad if grad.dtype == self.vectors.dtype else xp.astype(grad, self.vectors.dtype)
         if check_finite:
@@ -387,8 +401,14 @@ def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> Whitened
     xp = _backend.namespace(t_white, damping, names=("t_white", "damping"))
     if t_white.ndim != 2:
         raise ValueError(f"t_white must be 2-D (M, q); got shape {tuple(t_white.shape)}")
-    m, q = t_white.shape
     form = _backend.check_choice(form, "form", _FORMS)
+    return _factorize(xp, t_white, damping, form)
+
+
+def _factorize(xp, t_white, damping, form: str) -> WhitenedSolver:
+    """:func:`factorize_whitened` on a validated 2-D ``t_white`` and ``form`` (``damping``'s type,
+    shape and values are checked here: its zeros are read anyway)."""
+    m, q = t_white.shape
     work = _backend.work_dtype(xp, _backend.result_float_dtype(xp, t_white))
     t_white = t_white if t_white.dtype == work else xp.astype(t_white, work)
     root = excluded = None
@@ -452,9 +472,13 @@ def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto
     eps = _backend.check_positive_scalar(eps, "eps")
     if t_white.ndim != 2:
         raise ValueError(f"t_white must be 2-D (M, q); got shape {tuple(t_white.shape)}")
-    q = t_white.shape[-1]
-    _backend.check_shape(grad, "grad", (q,), "(q,)")
-    w = factorize_whitened(t_white, damping=damping, form=form).solve(grad, eps)
+    _backend.check_shape(grad, "grad", (t_white.shape[-1],), "(q,)")
+    return _solve_whitened(xp, t_white, grad, eps, damping, _backend.check_choice(form, "form", _FORMS))
+
+
+def _solve_whitened(xp, t_white, grad, eps: float, damping, form: str):
+    """:func:`solve_whitened` on validated arguments (``grad`` ``(q,)``, ``eps > 0``, ``form``)."""
+    w = _factorize(xp, t_white, damping, form)._solve(xp, grad, eps, check_finite=True)
     _check_direction(xp, w, eps, t_white, grad)
     return w
 
