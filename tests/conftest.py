@@ -11,6 +11,17 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+try:
+    import jax
+
+    # JAX computes in float32 unless x64 is on: without this, float64 inputs would be silently
+    # narrowed (jnp.asarray(..., dtype=float64) gives float32) and the float64 entries of the
+    # backend matrix would test float32. It must be set before any JAX array is created, so
+    # it is done here, at import, once for the whole session.
+    jax.config.update("jax_enable_x64", True)
+except ImportError:  # the JAX entries of the matrix are skipped
+    jax = None
+
 settings.register_profile(
     "ci",
     deadline=None,
@@ -90,6 +101,12 @@ def _backends():
         found.append(("cupy", xc, None, lambda a: cupy.asnumpy(a), reason))
     except Exception:  # noqa: BLE001 - cupy import fails in many ways without a GPU
         found.append(("cupy", None, None, None, "cupy not installed or no GPU"))
+    if jax is not None:
+        import jax.numpy as jnp  # array_api_compat.array_namespace maps JAX arrays to jax.numpy
+
+        found.append(("jax-cpu", jnp, jax.devices("cpu")[0], lambda a: np.asarray(a), None))
+    else:
+        found.append(("jax-cpu", None, None, None, "jax not installed"))
     return found
 
 

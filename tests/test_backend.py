@@ -7,10 +7,10 @@ import pytest
 from wngkernels import _backend
 
 
-def test_import_does_not_import_torch_or_cupy():
-    code = "import sys, wngkernels; print('torch' in sys.modules, 'cupy' in sys.modules)"
+def test_import_does_not_import_torch_cupy_or_jax():
+    code = "import sys, wngkernels; print(*(m in sys.modules for m in ('torch', 'cupy', 'jax')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "False", "False"]
 
 
 def test_mixed_libraries_raise_type_error_naming_arguments():

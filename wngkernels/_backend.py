@@ -46,8 +46,15 @@ __all__ = [
 
 
 def _library(x: Any) -> str:
-    """Top-level module name of the library an array comes from (for messages)."""
-    return type(x).__module__.split(".")[0]
+    """Name of the library an array comes from (for messages): the top-level package of its
+    array-API namespace (``numpy``, ``torch``, ``cupy``, ``jax``...), so that every array type of
+    one library counts as that library (JAX's concrete arrays live in ``jaxlib``, its tracers
+    under ``jax``; both have the namespace ``jax.numpy``)."""
+    try:
+        name = array_api_compat.array_namespace(x).__name__
+    except TypeError:
+        name = type(x).__module__
+    return name.removeprefix("array_api_compat.").split(".")[0]
 
 
 def namespace(*arrays: Any, names: tuple[str, ...] | None = None):
