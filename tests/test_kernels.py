@@ -265,3 +265,20 @@ def test_bad_dims_raise():
     torch = pytest.importorskip("torch")
     with pytest.raises(ValueError, match=r"dims must lie in \[0, 2\)"):
         k.cross_hessian_rows(torch.zeros(3, 2), torch.tensor([0, 5, 1]), torch.ones(4, 2))
+
+
+def test_authors_rule_from_the_mean_square_is_the_rule():
+    """The one home of the rule's formula: the rule on (Y, X) equals ``from_mean_square`` of the
+    mean squared distance computed densely; 10^400 · mean square does not overflow."""
+    from wngkernels import AuthorsRule
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 3)) * 1e3
+    y = x[:4]
+    mean_sq = np.mean(((y[:, None] - x[None]) ** 2).sum(-1))
+    rule = AuthorsRule(0.5)
+    assert rule(y, x) == pytest.approx(np.sqrt(10**0.5 * mean_sq), rel=1e-12)
+    assert rule.from_mean_square(mean_sq) == pytest.approx(rule(y, x), rel=1e-12)
+    assert AuthorsRule(400).from_mean_square(4.0) == pytest.approx(2e200, rel=1e-12)
+    with pytest.raises(ValueError, match="all equal"):
+        rule.from_mean_square(0.0)

@@ -88,7 +88,20 @@ class AuthorsRule:
         mean_sq = xp.mean(xp.sum((y - center) ** 2, axis=1)) + xp.mean(
             xp.sum((x - center) ** 2, axis=1)
         )
-        return _bandwidth("AuthorsRule", math.log(c), _log(float(mean_sq)), self.log_bandwidth,
+        return self.from_mean_square(float(mean_sq), scale=c)
+
+    def from_mean_square(self, mean_sq: float, *, scale: float = 1.0) -> float:
+        r"""``ℓ`` from the mean squared distance :math:`\frac{1}{MN}\sum_{m,n}\lVert Y_m - X_n\rVert^2`
+        of points divided by ``scale``: ``ℓ = scale · sqrt(10^log_bandwidth · mean_sq)``, computed
+        in logarithms (any ``log_bandwidth``). For callers that reduce the mean over several
+        processes (the data-parallel preconditioner).
+
+        Raises
+        ------
+        ValueError
+            If ``mean_sq`` is 0 (all points equal) or ``ℓ`` is beyond the float range.
+        """
+        return _bandwidth("AuthorsRule", math.log(scale), _log(mean_sq), self.log_bandwidth,
                           f" (with log_bandwidth={self.log_bandwidth!r})")
 
 

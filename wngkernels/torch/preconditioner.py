@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .._backend import check_int, check_positive_scalar
-from ..bandwidth import AuthorsRule, _bandwidth, _log
+from ..bandwidth import AuthorsRule
 from ..kernels import Gaussian, Kernel
 from ..nystrom import NystromBasis, nystrom_basis
 from ..solve import (
@@ -660,8 +660,7 @@ class KWNG:
             center = stats[:-1] / stats[-1]
             dev = comm.sum_(((xd - center) ** 2).sum().reshape(1))
             mean_sq = float(((points - center) ** 2).sum(1).mean() + dev[0] / stats[-1])
-            # in logarithms, as the rule itself: any log_bandwidth; 0 or an overflow is a ValueError
-            return kernel.with_bandwidth(_bandwidth("AuthorsRule", 0.0, _log(mean_sq), rule.log_bandwidth))
+            return kernel.with_bandwidth(rule.from_mean_square(mean_sq))  # 0 or an overflow: ValueError
         # another rule: rank 0 evaluates it on its own batch; a failure there (NaN) reaches every rank
         ell = math.nan
         if comm.rank == 0:
