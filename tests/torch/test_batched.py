@@ -98,3 +98,29 @@ def test_outputs_errors():
         t_matrix_and_grad(out, out, params, kernel=Gaussian(1.0), basis=basis)
     with pytest.raises(ValueError, match="vjp_mode must be one of"):
         jacobian_vjp_rows(out, torch.zeros(2, 12, 3, dtype=torch.float64), params, vjp_mode="fast")
+
+
+@pytest.mark.parametrize("name", ["mlp", "batchnorm", "shared"])
+def test_the_dense_jacobian_reference_matches_finite_differences(name):
+    """The float64 reference many tests lean on, against central differences of the model."""
+    from .helpers import flat_outputs
+
+    model, x = make_model(name, torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    samples, jac = dense_jacobian(model, x, params)
+    h, cols = 1e-6, []
+    with torch.no_grad():
+        for p in params:
+            flat = p.view(-1)
+            for j in range(flat.numel()):
+                keep = float(flat[j])
+                flat[j] = keep + h
+                plus = flat_outputs(model(x))
+                flat[j] = keep - h
+                minus = flat_outputs(model(x))
+                flat[j] = keep
+                cols.append((plus - minus) / (2 * h))
+    fd = torch.stack(cols, dim=-1)  # (N, d, q)
+    assert fd.shape == jac.shape
+    assert rel_err(to_np(jac), to_np(fd)) < 1e-7
+    np.testing.assert_allclose(to_np(samples), to_np(flat_outputs(model(x))), rtol=1e-14)
