@@ -427,10 +427,10 @@ def _factorize(xp, t_white, damping, form: str) -> WhitenedSolver:
         mu, vectors = xp.linalg.eigh(s.T @ s)
         span = None
     else:
-        basis = xp.linalg.qr(s.T)[0] if form == "dual-qr" else _orthonormal_range(xp, s.T)  # (q, M)
-        b = s @ basis  # (M, M): SQ, so QᵀSᵀSQ = bᵀb
+        span = xp.linalg.qr(s.T)[0] if form == "dual-qr" else _orthonormal_range(xp, s.T)  # Q (q, M)
+        b = s @ span  # (M, M): SQ, so QᵀSᵀSQ = bᵀb
         mu, u = xp.linalg.eigh(b.T @ b)
-        vectors, span = basis @ u, basis
+        vectors = span @ u
     return WhitenedSolver(vectors, xp.where(mu > 0, mu, 0.0), root, span, excluded, tau)
 
 
