@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 #: Every backend the suite knows, in the order tables list them (NumPy first: the reference).
-BACKENDS = ("numpy", "array_api_strict", "torch-cpu", "torch-cuda", "cupy")
+BACKENDS = ("numpy", "array_api_strict", "torch-cpu", "torch-cuda", "cupy", "jax-cpu")
 
 #: Backends that run on a GPU: their timed functions synchronise the device before returning.
 GPU_BACKENDS = ("torch-cuda", "cupy")
@@ -30,7 +30,7 @@ class Backend:
     name : str
         One of :data:`BACKENDS`.
     xp : module
-        The library users call (``numpy``, ``array_api_strict``, ``torch``, ``cupy``).
+        The library users call (``numpy``, ``array_api_strict``, ``torch``, ``cupy``, ``jax.numpy``).
     device : object or None
         The device arrays are placed on (``None``: the library's default).
     """
@@ -43,6 +43,21 @@ class Backend:
     @property
     def is_gpu(self) -> bool:
         return self.name in GPU_BACKENDS
+
+    @property
+    def needs_warmup(self) -> bool:
+        """GPUs (CUDA context, handles, allocator) and JAX (it compiles each operation per shape)."""
+        return self.is_gpu or self.name == "jax-cpu"
+
+    def wait(self, result) -> None:
+        """Return once ``result`` is computed: JAX dispatches asynchronously even on the CPU, GPUs
+        queue kernels; a timed call ends here."""
+        if self.name == "jax-cpu":
+            import jax
+
+            jax.block_until_ready(result)
+        else:
+            self.sync()
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
@@ -62,7 +77,7 @@ class Backend:
             return self.xp.asarray(a)
         if self.name.startswith("torch"):
             return self.xp.asarray(a, device=self.device)
-        return self.xp.asarray(a)  # cupy
+        return self.xp.asarray(a)  # cupy, jax.numpy
 
     def to_numpy(self, a) -> np.ndarray:
         if self.name == "numpy":
@@ -71,6 +86,8 @@ class Backend:
             return np.from_dlpack(a)
         if self.name.startswith("torch"):
             return a.detach().cpu().numpy()
+        if self.name == "jax-cpu":
+            return np.asarray(a)
         return self.xp.asnumpy(a)
 
     def sync(self) -> None:
@@ -137,6 +154,13 @@ def _load(name: str) -> Backend | str:
         except Exception as exc:  # CUDARuntimeError without a driver
             return f"cupy cannot reach a CUDA device ({type(exc).__name__})"
         return Backend(name, cupy)
+    if name == "jax-cpu":
+        try:
+            import jax
+        except ImportError:
+            return "jax is not installed"
+        jax.config.update("jax_enable_x64", True)  # float64 cases stay float64
+        return Backend(name, jax.numpy, jax.devices("cpu")[0])
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 

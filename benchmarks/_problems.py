@@ -93,10 +93,9 @@ def itemsize(dtype: str) -> int:
 
 
 def _run(be: Backend, fn: Callable[[], object]) -> Callable[[], None]:
-    if be.is_gpu:
+    if be.needs_warmup:  # a GPU or JAX: the timed call ends when the result is ready
         def call():
-            fn()
-            be.sync()
+            be.wait(fn())
     else:
         def call():
             fn()
@@ -288,5 +287,5 @@ class Timed:
     def setup(self, backend, size):
         be = _backends.get(backend)
         self.run = type(self).build(be, type(self).sizes[size])
-        if be.is_gpu:
-            self.run()  # warm-up: CUDA context, cuBLAS handles, allocator
+        if be.needs_warmup:
+            self.run()  # warm-up: CUDA context, cuBLAS handles, allocator; JAX's compilation
