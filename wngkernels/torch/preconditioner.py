@@ -206,7 +206,7 @@ class _Pending:
     active: tuple[int, ...]
     count: int = 0
     n: int = 0
-    loss_sum: float = 0.0
+    loss_sum: torch.Tensor | float = 0.0  # a float64 tensor once a loss is seen: read with the step's stats
     loss_count: int = 0
     bad: bool = False  # T or C Cᵀ could not be formed (non-finite outputs, degenerate bandwidth)
     points: torch.Tensor | None = None  # (M, d)
@@ -537,7 +537,7 @@ class KWNG:
         pend.count += 1
         pend.n += x.shape[0]
         if loss is not None:
-            pend.loss_sum += float(loss.detach())
+            pend.loss_sum = pend.loss_sum + loss.detach().reshape(()).to(torch.float64)  # no host read
             pend.loss_count += 1
         if pend.refresh and not pend.bad:
             if xd.shape[1] != pend.points.shape[1]:
@@ -729,8 +729,10 @@ class KWNG:
     def _reduce(self, pend: _Pending, params, g: torch.Tensor) -> _Reduced:
         """Sum ``C Cᵀ``, ``T``, the counts and the failure flags over the process group (one
         collective for the matrices, one for the float64 counts, which stay exact)."""
-        stats = torch.tensor([pend.n, pend.loss_sum, pend.loss_count, float(pend.bad), 0.0],
+        stats = torch.tensor([pend.n, 0.0, pend.loss_count, float(pend.bad), 0.0],
                              dtype=torch.float64, device=g.device)
+        if isinstance(pend.loss_sum, torch.Tensor):  # summed on the device: read once, with the rest
+            stats[1] = pend.loss_sum.to(g.device)
         stats[4] = (~torch.isfinite(g)).any().to(torch.float64)
         cc, t = pend.cc, pend.t
         if pend.refresh and t is None:  # no backward ran (non-finite outputs): zeros for the reduction
