@@ -485,7 +485,8 @@ def kwng_direction(grad, samples, *, kernel: Kernel, basis: NystromBasis, eps: f
     if not math.isfinite(_backend.max_abs(xp, t_white)):
         raise ValueError(f"T̃ overflows {t_white.dtype}: the jacobian (or the vjp's output) is too large")
     dmp = _damping(xp, damping, t_white, damping_floor)
-    w = _solve_whitened(xp, t_white, grad, eps, dmp, form)  # refuses a w out of range
+    # grad was checked at the door (_context); the solve refuses a w out of range
+    w = _solve_whitened(xp, t_white, grad, eps, dmp, form, check_finite=False)
     return _cast_back(xp, w, ctx.out, "the direction w")
 
 

@@ -42,10 +42,6 @@ __all__ = ["Gaussian", "Kernel", "RationalQuadratic"]
 Bandwidth = float | Callable[[Any, Any], float]
 
 
-def _check_bandwidth(bandwidth: Bandwidth) -> Bandwidth:
-    return bandwidth if callable(bandwidth) else _backend.check_positive_scalar(bandwidth, "bandwidth")
-
-
 def _scaled_differences(xp, a, b, inv_ell: float):
     r"""``(a − b)/ℓ`` (broadcast), clipped to ``±sqrt(max)/4`` of the dtype.
 
@@ -132,7 +128,9 @@ class Kernel:
     """
 
     def __init__(self, bandwidth: Bandwidth = 1.0):
-        self.bandwidth = _check_bandwidth(bandwidth)
+        if not callable(bandwidth):  # a rule is called at each estimate; a number is checked now
+            bandwidth = _backend.check_positive_scalar(bandwidth, "bandwidth")
+        self.bandwidth = bandwidth
 
     # -- to be provided by subclasses -------------------------------------------------
     def radial(self, xp, t):

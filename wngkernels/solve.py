@@ -476,29 +476,38 @@ def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto
     return _solve_whitened(xp, t_white, grad, eps, damping, _backend.check_choice(form, "form", _FORMS))
 
 
-def _solve_whitened(xp, t_white, grad, eps: float, damping, form: str):
-    """:func:`solve_whitened` on validated arguments (``grad`` ``(q,)``, ``eps > 0``, ``form``)."""
-    w = _factorize(xp, t_white, damping, form)._solve(xp, grad, eps, check_finite=True)
+def _solve_whitened(xp, t_white, grad, eps: float, damping, form: str, check_finite: bool = True):
+    """:func:`solve_whitened` on validated arguments (``grad`` ``(q,)``, ``eps > 0``, ``form``);
+    ``check_finite=False`` where the caller has checked ``grad``."""
+    w = _factorize(xp, t_white, damping, form)._solve(xp, grad, eps, check_finite)
     _check_direction(xp, w, eps, t_white, grad)
     return w
+
+
+#: A direction whose largest entry is below this many times the dtype's smallest normal number is
+#: refused as an underflow (:func:`_check_direction`).
+UNDERFLOW_MARGIN = 100.0
 
 
 def _check_direction(xp, w, eps: float, t_white=None, grad=None) -> None:
     """Refuse a direction that over- or underflowed the dtype: ``ValueError`` (one scalar read).
 
     A non-finite ``w`` from a non-finite ``t_white`` (when given) passes: see the module notes.
-    ``w`` is never zero for a non-zero ``grad`` (``T̃ᵀT̃ + εD⁻¹`` is invertible): all of ``w``
-    below the smallest normal number is an underflow.
+    ``w`` is never zero for a non-zero ``grad`` (``T̃ᵀT̃ + εD⁻¹`` is invertible). Entries below
+    the smallest normal number lose precision, and GPUs and XLA flush them to zero: a largest
+    entry under ``UNDERFLOW_MARGIN`` times the smallest normal number, where those entries can
+    weigh a percent of the direction, is an underflow.
     """
     top = _backend.max_abs(xp, w)
     info = xp.finfo(w.dtype)
     if math.isfinite(top):
-        if top >= float(info.smallest_normal) or grad is None or _backend.max_abs(xp, grad) == 0:
+        floor = UNDERFLOW_MARGIN * float(info.smallest_normal)
+        if top >= floor or grad is None or _backend.max_abs(xp, grad) == 0:
             return
         raise ValueError(
-            f"the direction underflows {w.dtype} (its entries are below {float(info.smallest_normal):.3g}): "
-            f"eps={eps!r} and the metric are too large for this gradient; rescale the problem or use a "
-            "wider dtype"
+            f"the direction underflows {w.dtype} (its entries are below {floor:.3g}, where subnormal "
+            f"entries lose precision or are flushed to zero): eps={eps!r} and the metric are too large "
+            "for this gradient; rescale the problem or use a wider dtype"
         )
     if t_white is not None and not math.isfinite(_backend.max_abs(xp, t_white)):
         return

@@ -25,6 +25,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(worker, tmp_path, *args):
+    """Run ``worker(rank, port, out_dir, *args)`` on every rank; each rank's saved report."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(_free_port(), str(tmp_path), *args), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
 def _data():
     gen = torch.Generator().manual_seed(7)
     return torch.randn(2 * 10, 4, generator=gen, dtype=torch.float64), torch.randn(2 * 10, generator=gen,
@@ -79,12 +87,9 @@ class _null:
 @pytest.mark.slow
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_two_gloo_processes_equal_one_process_on_the_union_batch(tmp_path, accumulation):
-    import torch.multiprocessing as mp
-
     from wngkernels import NystromBasis
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), accumulation), nprocs=WORLD, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    res = _spawn(_worker, tmp_path, accumulation)
     assert torch.equal(res[0]["w"], res[1]["w"])  # every rank writes the same direction
     assert res[0]["state"]["rng"] == res[1]["state"]["rng"]
     # one process, union batch; the basis is rank 0's: its first micro-batch, which opens the union batch
@@ -122,10 +127,7 @@ def _short_worker(rank, port, out_dir):
 
 @pytest.mark.slow
 def test_a_short_batch_on_one_rank_gives_every_rank_the_same_smaller_basis(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_short_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    res = _spawn(_short_worker, tmp_path)
     assert res[0]["m"] == res[1]["m"] == 6  # the smallest N·d of the group, on every rank
     assert res[0]["short"] == res[1]["short"] == 1
     assert torch.equal(res[0]["w"], res[1]["w"]) and bool(torch.isfinite(res[0]["w"]).all())
@@ -167,10 +169,7 @@ def _disagree_worker(rank, port, out_dir):
 
 @pytest.mark.slow
 def test_the_ranks_take_one_decision_where_their_data_would_split_them(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_disagree_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    res = _spawn(_disagree_worker, tmp_path)
     # a degenerate bandwidth on rank 0 is every rank's fallback to g, the same g everywhere
     assert res[0]["fallbacks"] == res[1]["fallbacks"] == 1
     assert torch.equal(res[0]["w"], res[1]["w"])

@@ -100,17 +100,9 @@ def _check_schedule(value, name: str, *, positive: bool, allow_none: bool = Fals
     if callable(value):
         return value
     try:
-        return _check_value(value, name, positive=positive)
+        return check_positive_scalar(value, name, allow_zero=not positive)
     except TypeError:
         raise TypeError(f"{name} must be a float or a callable of the step; got {value!r}") from None
-
-
-def _check_value(value, name: str, *, positive: bool) -> float:
-    return check_positive_scalar(value, name, allow_zero=not positive)
-
-
-def _positive_int(value, name: str) -> int:
-    return check_int(value, name, minimum=1)
 
 
 class _Draws:
@@ -384,13 +376,13 @@ class KWNG:
                  grad_scaler=None, accumulation_steps: int = 1, vjp_mode: str = "auto",
                  distributed: bool | None = None, process_group=None):
         self._params = _collect_params(params)
-        self.num_basis = _positive_int(num_basis, "num_basis")
+        self.num_basis = check_int(num_basis, "num_basis", minimum=1)
         self.eps = _check_schedule(eps, "eps", positive=True)
         self.lam = _check_schedule(lam, "lam", positive=False)
         if damping not in ("jacobian", "identity"):
             raise ValueError(f"damping must be 'jacobian' or 'identity'; got {damping!r}")
         self.damping = damping
-        self.damping_floor = _check_value(damping_floor, "damping_floor", positive=True)
+        self.damping_floor = check_positive_scalar(damping_floor, "damping_floor")
         if kernel is None:
             kernel = Gaussian(AuthorsRule())
         if not isinstance(kernel, Kernel):
@@ -404,10 +396,10 @@ class KWNG:
         if not 0 < float(eps_factor) < 1:
             raise ValueError(f"eps_factor must lie in (0, 1); got {eps_factor!r}")
         self.eps_factor = float(eps_factor)
-        self.window = _positive_int(window, "window")
+        self.window = check_int(window, "window", minimum=1)
         self.clip_norm = _check_schedule(clip_norm, "clip_norm", positive=True, allow_none=True)
-        self.refresh_every = _positive_int(refresh_every, "refresh_every")
-        self.accumulation_steps = _positive_int(accumulation_steps, "accumulation_steps")
+        self.refresh_every = check_int(refresh_every, "refresh_every", minimum=1)
+        self.accumulation_steps = check_int(accumulation_steps, "accumulation_steps", minimum=1)
         self.lr = _check_schedule(lr, "lr", positive=False, allow_none=True)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
@@ -443,7 +435,9 @@ class KWNG:
     def _value(self, h, name: str, positive: bool):
         if h is None:
             return None
-        return _check_value(h(self._step), f"{name}({self._step})", positive=positive) if callable(h) else h
+        if not callable(h):
+            return h
+        return check_positive_scalar(h(self._step), f"{name}({self._step})", allow_zero=not positive)
 
     def current_eps(self) -> float:
         """``ε`` for the next step: the schedule's value times the adapted factor, within bounds."""
