@@ -11,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import wngkernels.torch._capture as capture  # noqa: E402
 import wngkernels.torch.preconditioner as pre  # noqa: E402
 from wngkernels import Gaussian, NystromBasis, kwng_direction, solve_whitened  # noqa: E402
 from wngkernels.torch import KWNG  # noqa: E402
@@ -142,8 +143,8 @@ def test_direction_is_clipped_to_clip_norm():
 def test_falls_back_to_g_on_injected_nan_in_t(monkeypatch):
     model, x = make_model("mlp", torch.float64)
     y = torch.randn(x.shape[0], dtype=torch.float64)
-    real = pre._rows_from_grads  # T's rows only: the loss's row (fused into the backward) stays finite
-    monkeypatch.setattr(pre, "_rows_from_grads", lambda *a, **k: real(*a, **k) * math.nan)
+    real = capture._rows_from_grads  # T's rows only: the loss's row (fused into the backward) stays finite
+    monkeypatch.setattr(capture, "_rows_from_grads", lambda *a, **k: real(*a, **k) * math.nan)
     kwng = KWNG(model.parameters(), clip_norm=None, generator=0)
     out = model(x)
     assert kwng.precondition(out, _loss(out, y))
@@ -302,8 +303,8 @@ def test_refresh_every_reuses_t_and_computes_only_g(monkeypatch):
     model, x = make_model("mlp", torch.float64)
     y = torch.randn(x.shape[0], dtype=torch.float64)
     calls = []
-    real = pre.batched_vjp
-    monkeypatch.setattr(pre, "batched_vjp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = capture.batched_vjp
+    monkeypatch.setattr(capture, "batched_vjp", lambda *a, **k: calls.append(1) or real(*a, **k))
     kwng = KWNG(model.parameters(), refresh_every=3, clip_norm=None, adaptive_eps=False, generator=0)
     for step in range(7):
         for p in model.parameters():
@@ -503,8 +504,8 @@ def test_a_given_basis_is_used_and_forces_a_refresh(monkeypatch):
     model, x = make_model("mlp", torch.float64)
     params = list(model.parameters())
     calls = []
-    real = pre.batched_vjp
-    monkeypatch.setattr(pre, "batched_vjp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = capture.batched_vjp
+    monkeypatch.setattr(capture, "batched_vjp", lambda *a, **k: calls.append(1) or real(*a, **k))
     kwng = KWNG(params, refresh_every=100, clip_norm=None, adaptive_eps=False, eps=1e-3, generator=0)
     _one_step(kwng, model, x)
     basis = NystromBasis(np.array([0, 3, 5, 7]), np.array([2, 0, 1, 2]))

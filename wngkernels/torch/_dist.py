@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["Comm"]
+from ._state import _Pending, _Reduced
+
+__all__ = ["Comm", "reduce_step"]
 
 
 class Comm:
@@ -64,3 +66,26 @@ class Comm:
         sizes = [t.numel() for t in tensors]
         flat = self.sum_(torch.cat([t.reshape(-1) for t in tensors]))
         return [p.reshape(t.shape) for p, t in zip(torch.split(flat, sizes), tensors, strict=True)]
+
+
+def reduce_step(comm: Comm, pend: _Pending, params, g: torch.Tensor, accumulation_steps: int) -> _Reduced:
+    """Sum ``C Cᵀ``, ``T``, the counts and the failure flags over the process group (one
+    collective for the matrices, one for the float64 counts, which stay exact)."""
+    stats = torch.tensor([pend.n, 0.0, pend.loss_count, float(pend.bad), 0.0],
+                         dtype=torch.float64, device=g.device)
+    if isinstance(pend.loss_sum, torch.Tensor):  # summed on the device: read once, with the rest
+        stats[1] = pend.loss_sum.to(g.device)
+    stats[4] = (~torch.isfinite(g)).any().to(torch.float64)
+    cc, t = pend.cc, pend.t
+    if pend.refresh and t is None:  # no backward ran (non-finite outputs): zeros for the reduction
+        t = torch.zeros(cc.shape[0], sum(p.numel() for p in params), dtype=g.dtype, device=g.device)
+    t_factor = pend.factor
+    if comm.active and comm.world_size > 1:
+        if pend.refresh:  # each rank scaled its cotangents by its own batch size: undo before the sum
+            cc, t = comm.sum_all([cc, t / t_factor])
+            t_factor = 1.0
+        stats = comm.sum_(stats)
+    n_tot, loss_sum, loss_count, bad, g_bad = stats.tolist()
+    world = comm.world_size
+    loss_now = loss_sum / world if loss_count == world * accumulation_steps else None
+    return _Reduced(cc, t, t_factor, n_tot, loss_now, bad > 0, g_bad > 0)

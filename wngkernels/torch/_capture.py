@@ -1,0 +1,223 @@
+"""The capture half of :class:`~wngkernels.torch.KWNG`: the basis draw, the bandwidth (over the
+process group), ``Σ_n H_n H_nᵀ`` and ``T``'s rows from one batched backward (with the loss's
+gradient as one more row where it can ride on it)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..bandwidth import AuthorsRule
+from ..kernels import Kernel
+from ..nystrom import NystromBasis, nystrom_basis
+from ._batched import (
+    _as_output_list,
+    _check_loss,
+    _rows_from_grads,
+    _split_cotangents,
+    _work_dtype,
+    batched_vjp,
+    flatten_outputs,
+    grad_only_through,
+)
+from ._state import _Pending
+
+
+class _Capture:
+    """KWNG's capture methods (its state lives on the instance: see ``KWNG.__init__``)."""
+
+    def _active(self) -> tuple[int, ...]:
+        return tuple(i for i, p in enumerate(self._params) if p.requires_grad)
+
+    def _needs_refresh(self, active) -> bool:
+        c = self._cache
+        return c is None or c.active != active or self._step - c.step >= self.refresh_every
+
+    def _capture(self, outputs, loss, basis, fuse: bool) -> bool:
+        """:meth:`capture`; with ``fuse``, also ``loss``'s gradient where it can ride on ``T``'s backward.
+
+        Returns whether ``.grad`` received the loss's gradient (then no ``backward`` must follow).
+        """
+        x = flatten_outputs(outputs)
+        if loss is not None:
+            _check_loss(loss)
+        if basis is not None and not isinstance(basis, NystromBasis):
+            raise TypeError(f"basis must be a NystromBasis; got {type(basis).__name__}")
+        pend = self._pending
+        if basis is not None and pend is not None:
+            raise ValueError("basis can only be given at the first micro-batch of a step")
+        if pend is not None and pend.count >= self.accumulation_steps:
+            raise RuntimeError(
+                f"capture was called {pend.count + 1} times without step() "
+                f"(accumulation_steps={self.accumulation_steps})"
+            )
+        active = self._active()
+        if not active:
+            raise ValueError("no parameter requires grad: nothing to precondition")
+        params = [self._params[i] for i in active]
+        dtype = _work_dtype(x, params)
+        xd = x.detach().to(dtype)
+        if pend is None:
+            if basis is not None:
+                basis.check(*xd.shape)
+            pend = _Pending(rng_state=self._draws.get_state(), active=active,
+                            refresh=basis is not None or self._needs_refresh(active))
+        elif pend.active != active:
+            self._discard(pend)
+            raise RuntimeError("the set of parameters requiring grad changed between micro-batches; "
+                               "the step's captured micro-batches were discarded")
+        try:
+            return self._accumulate(pend, outputs, x, xd, loss, basis, params, dtype, fuse)
+        except BaseException:
+            self._discard(pend)  # no half-captured step is left behind to be stepped on
+            raise
+
+    def _discard(self, pend: _Pending) -> None:
+        """Forget a step's captured micro-batches and rewind a private generator to its start."""
+        self._pending = None
+        self._draws.set_state(pend.rng_state)
+
+    def _accumulate(self, pend, outputs, x, xd, loss, basis, params, dtype, fuse) -> bool:
+        if self._pending is None:
+            if pend.refresh:
+                self._draw(pend, xd, sum(p.numel() for p in params), basis)
+            self._pending = pend
+        pend.count += 1
+        pend.n += x.shape[0]
+        if loss is not None:
+            pend.loss_sum = pend.loss_sum + loss.detach().reshape(()).to(torch.float64)  # no host read
+            pend.loss_count += 1
+        if pend.refresh and not pend.bad:
+            if xd.shape[1] != pend.points.shape[1]:
+                raise ValueError(
+                    f"outputs must have d = {pend.points.shape[1]} features per sample in every "
+                    f"micro-batch; got {xd.shape[1]}"
+                )
+            if not bool(torch.isfinite(xd).all()):
+                pend.bad = True
+                return False
+            rows = pend.kernel.cross_hessian_rows(pend.points, pend.dims, xd)  # (M, n, d)
+            flat = rows.reshape(rows.shape[0], -1)
+            pend.cc += flat @ flat.T
+            return self._backward(outputs, rows, loss if fuse else None, params, pend, dtype)
+        return False
+
+    def _backward(self, outputs, rows, loss, params, pend: _Pending, dtype) -> bool:
+        """``T``'s rows into ``pend.t``; with a ``loss`` that reaches ``params`` only through the
+        outputs, its gradient as one more row of the same batched backward, accumulated into
+        ``.grad`` as ``loss.backward()`` would (scaled by the grad scaler's factor)."""
+        outs = _as_output_list(outputs)
+        scale = self._loss_scale(rows.device)
+        m, n = rows.shape[0], rows.shape[1]
+        if pend.t is None:  # one scale for every micro-batch: T accumulates without rescaling passes
+            pend.factor = scale / n
+        pieces = _split_cotangents(outs, rows * pend.factor)
+        fused = loss is not None and self._can_fuse(loss, outs, params)
+        if fused:
+            loss_cot = torch.autograd.grad(loss, outs, retain_graph=True, allow_unused=True)
+            fused = all(c is not None for c in loss_cot)
+        if fused:
+            pieces = [torch.cat([p, (c * scale).to(p.dtype)[None]])
+                      for p, c in zip(pieces, loss_cot, strict=True)]
+        # "auto" settles on the mode that worked the first time, so later passes can free the graph
+        grads, self._vjp_used = batched_vjp(outs, pieces, params, vjp_mode=self._vjp_used or self.vjp_mode,
+                                            retain_graph=not fused)
+        t_grads = [None if g is None else g[:m] for g in grads]
+        t = _rows_from_grads(t_grads, params, m, dtype)
+        pend.t = t if pend.t is None else pend.t + t
+        if fused:
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.grad = g[m].clone() if p.grad is None else p.grad + g[m]
+        return fused
+
+    @staticmethod
+    def _can_fuse(loss, outs, params) -> bool:
+        """One backward for ``T`` and ``g`` is exact only where nothing else expects ``loss.backward()``:
+        no process group (DDP's reducer hooks the gradient accumulators), no hooks on the
+        parameters, and a loss that reaches only ``params``, only through the outputs."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return False
+        if any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params):
+            return False
+        return grad_only_through(loss, outs, params)
+
+    def _loss_scale(self, device) -> float:
+        """The grad scaler's factor (1 without one); initialises a fresh scaler on ``device``, as the
+        ``scaler.scale(loss)`` that a fused backward replaces would."""
+        s = self.grad_scaler
+        if s is None or not s.is_enabled():
+            return 1.0
+        return float(s.scale(torch.ones((), device=device)))
+
+    def _draw(self, pend: _Pending, xd: torch.Tensor, q: int, basis: NystromBasis | None) -> None:
+        """Basis points and dims (rank 0's, broadcast) and the resolved kernel."""
+        comm = self._comm
+        if basis is None:
+            basis = nystrom_basis(tuple(xd.shape), self._pairs(xd), rng=self._draws.rng())
+        dev = xd.device
+        idx = torch.as_tensor(basis.indices.copy(), device=dev)
+        points = xd.index_select(0, idx)
+        dims = torch.as_tensor(basis.dims.copy(), device=dev)
+        finite = torch.isfinite(xd).all().to(xd.dtype).reshape(1)
+        if comm.active:
+            comm.broadcast_(points)
+            comm.broadcast_(dims)
+            finite = comm.sum_(finite) / comm.world_size
+        m = basis.num_basis
+        pend.cc = torch.zeros(m, m, dtype=xd.dtype, device=dev)
+        pend.points, pend.dims = points, dims
+        self.last_basis = basis
+        if float(finite) < 1.0:
+            pend.bad = True
+            return
+        try:
+            pend.kernel = self._resolve(points, xd)
+        except ValueError:  # e.g. all outputs equal: the bandwidth rule gives 0
+            pend.bad = True
+            return
+        self.last_kernel = pend.kernel
+
+    def _pairs(self, xd: torch.Tensor) -> int:
+        """``M``, or fewer where a batch has fewer pairs ``N·d`` (a short last batch): every rank
+        takes the smallest ``N·d`` of the group, so all draw the same number. Counted. Every rank
+        raises ``ValueError`` if the ranks' outputs have different ``d``."""
+        n, d = xd.shape
+        available = n * d
+        if self._comm.active and self._comm.world_size > 1:
+            got = self._comm.min_(torch.tensor([available, d, -d], device=xd.device)).tolist()
+            available, low, high = got[0], got[1], -got[2]
+            if low != high:
+                raise ValueError(f"outputs must have the same number of features d on every rank; the ranks "
+                                 f"have d from {low} to {high}")
+        if available < self.num_basis:
+            self.num_short_batches += 1
+            return available
+        return self.num_basis
+
+    def _resolve(self, points: torch.Tensor, xd: torch.Tensor) -> Kernel:
+        kernel, comm = self.kernel, self._comm
+        rule = kernel.bandwidth
+        if not callable(rule):
+            return kernel
+        if not comm.active or comm.world_size == 1:
+            return kernel.resolve(points, xd)
+        if isinstance(rule, AuthorsRule):
+            # the rule on the union batch: global mean, then the mean squared deviation
+            stats = comm.sum_(torch.cat([xd.sum(0), xd.new_tensor([xd.shape[0]])]))
+            center = stats[:-1] / stats[-1]
+            dev = comm.sum_(((xd - center) ** 2).sum().reshape(1))
+            mean_sq = float(((points - center) ** 2).sum(1).mean() + dev[0] / stats[-1])
+            return kernel.with_bandwidth(rule.from_mean_square(mean_sq))  # 0 or an overflow: ValueError
+        # another rule: rank 0 evaluates it on its own batch; a failure there (NaN) reaches every rank
+        ell = math.nan
+        if comm.rank == 0:
+            try:
+                ell = kernel.resolve(points, xd).bandwidth
+            except ValueError:
+                pass
+        ell = float(comm.broadcast_(xd.new_tensor([ell], dtype=torch.float64))[0])
+        if not math.isfinite(ell) or ell <= 0:
+            raise ValueError(f"the bandwidth rule gave a degenerate bandwidth on rank 0 ({ell})")
+        return kernel.with_bandwidth(ell)

@@ -1,0 +1,111 @@
+"""KWNG's direction: the refresh (``T̃`` and ``D``), the solve from the cache, ``⟨g, w⟩`` and ``‖w‖``
+in one read, clipping, the half-precision fit, and writing ``.grad``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..solve import damping_from_whitened, factorize_whitened, solve_whitened, whiten
+from ._state import _Pending, _Refresh
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for all ``i``, as one fused launch where torch has it."""
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
+
+
+def safe_direction(w: torch.Tensor | None, g: torch.Tensor, grads: list[torch.Tensor],
+                   clip: float | None) -> tuple[torch.Tensor, float, int]:
+    """``w`` clipped to ``clip``, ``⟨g, w⟩``, and the fallbacks taken (0, 1 or 2): ``g`` replaces ``w``
+    where ``w`` is missing, non-finite, not a descent direction, or too long for a half-precision
+    ``.grad``. ``g = 0`` gives ``w = 0``."""
+    fell_back = 0
+    gw, norm = (math.nan, math.nan) if w is None else _dot_and_norm(g, w)
+    if not (math.isfinite(gw) and math.isfinite(norm) and (gw > 0 or norm == 0)):
+        w, (gw, norm) = g, _dot_and_norm(g, g)
+        fell_back += 1
+    w, gw = _clipped(w, gw, norm, clip)
+    if w is not g and not _fits(w, grads):
+        gw, norm = _dot_and_norm(g, g)
+        w, gw = _clipped(g, gw, norm, clip)
+        fell_back += 1
+    return w, gw, fell_back
+
+
+def _clipped(w: torch.Tensor, gw: float, norm: float, clip: float | None) -> tuple[torch.Tensor, float]:
+    """``w`` scaled down to norm ``clip`` if longer, and ``⟨g, w⟩`` with it."""
+    if clip is None or norm <= clip:
+        return w, gw
+    return w * (clip / norm), gw * (clip / norm)
+
+
+def _fits(w: torch.Tensor, grads: list[torch.Tensor]) -> bool:
+    """Whether ``w``'s entries fit the narrowest ``.grad`` dtype (float16's 65504); one host read,
+    only where a gradient is narrower than ``w``."""
+    limit = min(torch.finfo(p.dtype).max for p in grads)
+    if limit >= torch.finfo(w.dtype).max:
+        return True
+    return float(w.abs().max()) <= limit
+
+
+def _dot_and_norm(g: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
+    """``⟨g, w⟩`` and ``‖w‖`` (accumulated in float64: a long step never overflows), one host read.
+    A non-finite entry of ``w`` makes both non-finite."""
+    both = torch.stack([torch.dot(g, w).double(), torch.linalg.vector_norm(w, dtype=torch.float64)])
+    gw, norm = both.tolist()
+    return gw, norm
+
+
+def refreshed(cc, t, pend: _Pending, scale: float, *, lam: float, damping: str, floor: float,
+              step: int) -> _Refresh | None:
+    """``T̃`` of ``scale · t`` and ``D`` (``damping="jacobian"``: the guard ``floor``); ``None`` if
+    ``C Cᵀ`` is not finite. A non-finite ``T`` shows up in the solve's result, which then falls
+    back to ``g``."""
+    k = None
+    if lam > 0:
+        k = pend.kernel.cross_hessian_selected(pend.points, pend.dims, pend.points, pend.dims)
+        k = (k + k.T) / 2
+    if not bool(torch.isfinite(cc).all()):
+        return None
+    t_white = whiten(cc, t, k=k, lam=lam, scale=scale)
+    dmp = damping_from_whitened(t_white, floor=floor) if damping == "jacobian" else None
+    return _Refresh(t_white, dmp, pend.active, step)
+
+def cached_direction(c: _Refresh | None, g, params, present, eps: float):
+    """``w`` for ``g`` of the ``present`` parameters from a refresh's ``T̃`` and ``D``; ``None``
+    where there is none or it cannot give one (a non-finite ``T̃``, ``w`` beyond the dtype)."""
+    if c is None:
+        return None
+    tw, dmp = c.t_white, c.damping
+    if len(present) == len(params):
+        # factorised once per refresh: between refreshes a step costs a few products
+        solver = c.solver
+        if solver is None or solver.values.dtype != g.dtype:
+            try:
+                # the stable dual form: the authors' Woodbury form, tried, fell back to g
+                # 10 times a run on the seed's ResNet-18 (H100, float32; docs/benchmarks.md)
+                solver = factorize_whitened(tw.to(g.dtype),
+                                            damping=None if dmp is None else dmp.to(g.dtype))
+            except (torch.linalg.LinAlgError, ValueError):  # a non-finite T: the step falls back to g
+                return None
+            c.solver = solver
+        return solver.solve(g, eps, check_finite=False)  # g is checked in step()
+    if len(present) < len(params):
+        sizes = [p.numel() for p in params]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        keep = np.concatenate([np.arange(starts[j], starts[j + 1]) for j in present])
+        keep = torch.as_tensor(keep, device=tw.device)
+        tw = tw.index_select(1, keep)
+        dmp = None if dmp is None else dmp.index_select(0, keep)
+    try:
+        return solve_whitened(tw.to(g.dtype), g, eps=eps,
+                              damping=None if dmp is None else dmp.to(g.dtype))
+    except (torch.linalg.LinAlgError, ValueError):  # non-finite T, or w beyond the dtype: g
+        return None
