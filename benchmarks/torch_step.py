@@ -9,7 +9,9 @@ the median over ``--steps`` timed steps after ``--warmup``, GPU-synchronised. Me
 - ``kwng M=k``: ``KWNG.precondition`` (one batched backward for ``T`` and ``g`` when the loss
   reaches the parameters only through the outputs, as here);
 - ``kwng split M=k``: ``capture``, ``loss.backward()``, ``step`` (two backward passes);
-- ``kwng loop M=k``: ``vjp_mode="loop"``; ``kwng M=5 refresh=10``: ``refresh_every=10``.
+- ``kwng loop M=k``: ``vjp_mode="loop"``; ``kwng M=5 refresh=10``: ``refresh_every=10``;
+- ``sub32``/``sub16``: ``T`` from a 32-/16-sample sub-batch with its own forward (split form:
+  ``capture(model(x[:k]), loss)``, ``loss.backward()``, ``step``).
 
 Models (``--model``): ``resnet18`` — the seed's ill-conditioned ResNet-18 (CIFAR stem, logits ×
 ``logspace(-6, 1, 10)``), 3×32×32; ``resnet50`` — torchvision's ResNet-50 (10 classes) at
@@ -96,7 +98,8 @@ def _methods(quick: bool):
     """name → (kind, num_basis, KWNG options)."""
     out = {"sgd": ("sgd", 0, {}), "authors5": ("authors", 5, {}), "kwng5": ("kwng", 5, {}),
            "split5": ("split", 5, {}), "loop5": ("kwng", 5, {"vjp_mode": "loop"}),
-           "refresh10": ("kwng", 5, {"refresh_every": 10})}
+           "refresh10": ("kwng", 5, {"refresh_every": 10}),
+           "sub32": ("sub", 5, {"t_batch": 32}), "sub16": ("sub", 5, {"t_batch": 16})}
     if not quick:
         out.update({"authors64": ("authors", 64, {}), "kwng64": ("kwng", 64, {}),
                     "loop64": ("kwng", 64, {"vjp_mode": "loop"})})
@@ -105,7 +108,8 @@ def _methods(quick: bool):
 
 LABELS = {"sgd": "SGD", "authors5": "authors' recipe M=5", "kwng5": "KWNG M=5 (precondition)",
           "split5": "KWNG M=5 split form (2 backward)", "loop5": "KWNG M=5 vjp_mode=loop",
-          "refresh10": "KWNG M=5 refresh_every=10", "authors64": "authors' recipe M=64",
+          "refresh10": "KWNG M=5 refresh_every=10", "sub32": "KWNG M=5, T from 32 samples",
+          "sub16": "KWNG M=5, T from 16 samples", "authors64": "authors' recipe M=64",
           "kwng64": "KWNG M=64 (precondition)", "loop64": "KWNG M=64 vjp_mode=loop"}
 
 
@@ -116,7 +120,9 @@ def step_ms(kind, m, options, args, device) -> float:
         model = torch.compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3)
-    kwng = KWNG(params, num_basis=m, optimizer=opt, **options) if kind in ("kwng", "split") else None
+    options = dict(options)
+    t_batch = options.pop("t_batch", None)
+    kwng = KWNG(params, num_basis=m, optimizer=opt, **options) if kind in ("kwng", "split", "sub") else None
     authors = AuthorsRecipe(params, num_basis=m) if kind == "authors" else None
     times = []
     for i in range(args.warmup + args.steps):
@@ -130,8 +136,8 @@ def step_ms(kind, m, options, args, device) -> float:
             loss.backward()
         elif kind == "authors":
             authors.step(out, loss, lr=1e-3)
-        elif kind == "split":
-            kwng.capture(out, loss)
+        elif kind in ("split", "sub"):
+            kwng.capture(model(x[:t_batch]) if kind == "sub" else out, loss)
             loss.backward()
             kwng.step()
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..bandwidth import AuthorsRule
@@ -79,9 +80,11 @@ class _Capture:
         self._draws.set_state(pend.rng_state)
 
     def _accumulate(self, pend, outputs, x, xd, loss, basis, params, dtype, fuse) -> bool:
+        checked = False  # whether _draw has just read this micro-batch's finiteness (over the group)
         if self._pending is None:
             if pend.refresh:
                 self._draw(pend, xd, sum(p.numel() for p in params), basis)
+                checked = True
             self._pending = pend
         pend.count += 1
         pend.n += x.shape[0]
@@ -94,7 +97,7 @@ class _Capture:
                     f"outputs must have d = {pend.points.shape[1]} features per sample in every "
                     f"micro-batch; got {xd.shape[1]}"
                 )
-            if not bool(torch.isfinite(xd).all()):
+            if not checked and not bool(torch.isfinite(xd).all()):
                 pend.bad = True
                 return False
             rows = pend.kernel.cross_hessian_rows(pend.points, pend.dims, xd)  # (M, n, d)
@@ -157,9 +160,8 @@ class _Capture:
         if basis is None:
             basis = nystrom_basis(tuple(xd.shape), self._pairs(xd), rng=self._draws.rng())
         dev = xd.device
-        idx = torch.as_tensor(basis.indices.copy(), device=dev)
-        points = xd.index_select(0, idx)
-        dims = torch.as_tensor(basis.dims.copy(), device=dev)
+        points = xd.index_select(0, _to_device(basis.indices, dev))
+        dims = _to_device(basis.dims, dev)
         finite = torch.isfinite(xd).all().to(xd.dtype).reshape(1)
         if comm.active:
             comm.broadcast_(points)
@@ -221,3 +223,12 @@ class _Capture:
         if not math.isfinite(ell) or ell <= 0:
             raise ValueError(f"the bandwidth rule gave a degenerate bandwidth on rank 0 ({ell})")
         return kernel.with_bandwidth(ell)
+
+
+def _to_device(a, device: torch.device) -> torch.Tensor:
+    """A small host array on ``device``; on CUDA through pinned memory, without blocking (a copy
+    from pageable memory would wait for the stream's queued work)."""
+    t = torch.from_numpy(np.array(a))  # a writable copy
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
