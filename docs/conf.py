@@ -58,13 +58,16 @@ def _importable(name: str) -> bool:
     return True
 
 
-#: Whether the PyTorch edge can be documented in this build (PyTorch installed, module complete).
-HAS_TORCH_API = _importable("wngkernels.torch")
+#: Whether each edge can be documented in this build (its library installed, module complete).
+HAS_EDGE_API = {edge: _importable(f"wngkernels.{edge}") for edge in ("torch", "dask")}
+HAS_TORCH_API = HAS_EDGE_API["torch"]
 
-autosummary_generate = ["api/index.rst"] + (["api/torch.rst"] if HAS_TORCH_API else [])
-if not HAS_TORCH_API:  # the pages still name it; without its API pages those links stay text
-    nitpick_ignore_regex = [(r"py:.*", r"wngkernels\.torch(\..*)?")]
-    exclude_patterns.append("api/generated/wngkernels.torch.*")  # stubs left by an earlier build
+autosummary_generate = ["api/index.rst"] + [f"api/{edge}.rst" for edge, ok in HAS_EDGE_API.items() if ok]
+nitpick_ignore_regex = []
+for edge, ok in HAS_EDGE_API.items():
+    if not ok:  # the pages still name it; without its API pages those links stay text
+        nitpick_ignore_regex.append((r"py:.*", rf"wngkernels\.{edge}(\..*)?"))
+        exclude_patterns.append(f"api/generated/wngkernels.{edge}.*")  # stubs left by an earlier build
 autosummary_generate_overwrite = True
 autosummary_ignore_module_all = False  # a module's __all__ is its public API
 autosummary_imported_members = False

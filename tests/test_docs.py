@@ -89,6 +89,15 @@ def test_every_torch_name_is_in_the_api_reference():
     assert not missing, f"public names missing from docs/api/torch.rst: {sorted(missing)}"
 
 
+def test_every_dask_name_is_in_the_api_reference():
+    dask_edge = pytest.importorskip("wngkernels.dask", reason="needs Dask (wngkernels[dask])",
+                                    exc_type=ImportError)
+    text = (DOCS / "api" / "dask.rst").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^      (\w+)$", text, re.MULTILINE))
+    missing = set(dask_edge.__all__) - listed
+    assert not missing, f"public names missing from docs/api/dask.rst: {sorted(missing)}"
+
+
 def test_sphinx_build_has_no_warnings(tmp_path):
     _require_docs_tools()
     cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]

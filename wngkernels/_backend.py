@@ -70,11 +70,18 @@ def namespace(*arrays: Any, names: tuple[str, ...] | None = None):
     Raises
     ------
     TypeError
-        If an argument is not an array, or the arrays come from different libraries.
+        If an argument is not an array, is a Dask array (:mod:`wngkernels.dask` takes those), or
+        the arrays come from different libraries.
     """
     names = names or tuple(f"argument {i}" for i in range(len(arrays)))
     present = [(n, a) for n, a in zip(names, arrays, strict=False) if a is not None]
     for name, a in present:
+        if array_api_compat.is_dask_array(a):  # lazy and chunked: the core's host reads would compute it
+            raise TypeError(
+                f"{name} is a Dask array, which the core does not take (it computes in memory): use "
+                "wngkernels.dask (kwng_direction, cc_gram, t_matrix, metric_apply), which keeps the long "
+                "axis N chunked and computes the sums over it once per call"
+            )
         if not array_api_compat.is_array_api_obj(a):
             raise TypeError(
                 f"{name} must be an array (NumPy, CuPy, PyTorch or another array-API "

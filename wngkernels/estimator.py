@@ -134,10 +134,7 @@ def _context(samples, basis, kernel, others=(), names=()) -> tuple[_Context, tup
     The samples come back centred and in units of the resolved bandwidth (:class:`_Context`),
     everything in the work dtype (``float32`` for half-precision input).
     """
-    if not isinstance(kernel, Kernel):
-        raise TypeError(f"kernel must be a wngkernels Kernel; got {type(kernel).__name__}")
-    if not isinstance(basis, NystromBasis):
-        raise TypeError(f"basis must be a NystromBasis; got {type(basis).__name__}")
+    _check_kernel_basis(kernel, basis)
     arrays = (samples, *others)
     all_names = ("samples", *names)
     xp = _backend.namespace(*arrays, names=all_names)
@@ -166,6 +163,13 @@ def _context(samples, basis, kernel, others=(), names=()) -> tuple[_Context, tup
     return ctx, tuple(cast)
 
 
+def _check_kernel_basis(kernel, basis) -> None:
+    if not isinstance(kernel, Kernel):
+        raise TypeError(f"kernel must be a wngkernels Kernel; got {type(kernel).__name__}")
+    if not isinstance(basis, NystromBasis):
+        raise TypeError(f"basis must be a NystromBasis; got {type(basis).__name__}")
+
+
 def _in_bandwidth_units(xp, x, ell: float):
     """``(x − x̄)/ℓ``, through powers of two near the data's magnitude, so that neither the mean
     nor the quotient over- or underflows before the result would."""
@@ -174,20 +178,28 @@ def _in_bandwidth_units(xp, x, ell: float):
         return x
     c0 = _pow2(big)
     dev = x - xp.mean(x / c0, axis=0) * c0
-    top = _backend.max_abs(xp, dev)
-    if top == 0:  # all samples equal (possible with a fixed bandwidth)
-        return dev
+    c, spread = _unit_factors(xp, _backend.max_abs(xp, dev), ell, x.dtype)
+    return dev if c == 1 and spread == 1 else (dev / c) * spread  # (1, 1): nothing to scale
+
+
+def _unit_factors(xp, top: float, ell: float, dtype) -> tuple[float, float]:
+    """``(c, s)`` with ``(x − x̄)/ℓ = ((x − x̄)/c) · s``: ``c`` a power of two near ``top`` (the
+    largest ``|x − x̄|``), ``s = c/ℓ``; ``(1, 1)`` when ``top`` is 0 (all samples equal, possible
+    with a fixed bandwidth). ``ValueError`` if ``top`` or the spread in bandwidths leaves the
+    dtype's range. Shared with callers that reduce ``top`` and ``x̄`` themselves (chunked arrays)."""
+    if top == 0:
+        return 1.0, 1.0
     if not math.isfinite(top):
-        raise ValueError(f"samples are too large for {x.dtype}: their deviations from the mean overflow")
+        raise ValueError(f"samples are too large for {dtype}: their deviations from the mean overflow")
     c = _pow2(top)
     spread = c / ell
-    limit = float(xp.finfo(x.dtype).max) / 4
+    limit = float(xp.finfo(dtype).max) / 4
     if not spread < limit:
         raise ValueError(
             f"samples span about {c:.3g} = {spread:.3g} bandwidths (bandwidth={ell!r}), beyond the "
-            f"range of {x.dtype}; use a larger bandwidth or a wider dtype"
+            f"range of {dtype}; use a larger bandwidth or a wider dtype"
         )
-    return (dev / c) * spread
+    return c, spread
 
 
 def _chunk(n: int, m: int, d: int, itemsize: int, chunk_size: int | None) -> int:
@@ -237,7 +249,21 @@ def _cc_chunk(ctx: _Context, x):
 
 def _accumulate(ctx: _Context, jacobian=None, chunk_size=None):
     """One pass over chunks of samples: ``Ĉ Ĉᵀ`` ``(M, M)`` and, given a Jacobian, ``T̂`` ``(M, q)``
-    (in units of the bandwidth: ``ℓ⁴ C Cᵀ`` and ``ℓ² T``).
+    (in units of the bandwidth: ``ℓ⁴ C Cᵀ`` and ``ℓ² T``): :func:`_sums` over ``N``."""
+    cc, t = _sums(ctx, jacobian, chunk_size)
+    return _means(cc, t, ctx.shape[0])
+
+
+def _means(cc, t, n: int):
+    """The sums of :func:`_sums` over ``n`` samples divided by ``n`` (``C Cᵀ`` symmetrised)."""
+    cc = cc / n
+    return (cc + cc.T) / 2, (None if t is None else t / n)
+
+
+def _sums(ctx: _Context, jacobian=None, chunk_size=None):
+    """``Σ_n Ĥ_n Ĥ_nᵀ`` ``(M, M)`` and, given a Jacobian ``(n, d, q)``, ``Σ_{n,i} Ĥ_n[:, i] J[n, i, :]``
+    ``(M, q)`` (else ``None``) over the samples of ``ctx``: not divided by ``n`` (sums over
+    blocks of samples add up, :func:`_means` normalises).
 
     ``C Cᵀ`` costs ``O(M² N)`` and memory ``O(M² + chunk · M)`` (:func:`_cc_chunk`), or, where
     the points are far apart in units of the bandwidth (``ctx.direct``), ``O(M² N d)`` from the
@@ -257,8 +283,7 @@ def _accumulate(ctx: _Context, jacobian=None, chunk_size=None):
         cc = cc + (rows @ rows.T if ctx.direct else _cc_chunk(ctx, chunk))
         if jacobian is not None:
             t = t + rows @ xp.reshape(jacobian[start:stop, ...], ((stop - start) * d, -1))
-    cc = cc / n
-    return (cc + cc.T) / 2, (None if t is None else t / n)
+    return cc, t
 
 
 # -- public building blocks ---------------------------------------------------------------------
@@ -481,6 +506,11 @@ def kwng_direction(grad, samples, *, kernel: Kernel, basis: NystromBasis, eps: f
     form = _backend.check_choice(form, "form", ("auto", "primal", "dual", "dual-qr"))
     ctx, grad, t_white = _whitened_system(samples, basis, kernel, grad, "grad", jacobian, vjp,
                                           lam, rcond, chunk_size)
+    return _direction(ctx, grad, t_white, eps, damping, form, damping_floor)
+
+
+def _direction(ctx: _Context, grad, t_white, eps: float, damping, form: str, damping_floor: float):
+    """``w`` from the whitened ``T̃`` and a ``grad`` checked at the door, in the output dtype."""
     xp = ctx.xp
     if not math.isfinite(_backend.max_abs(xp, t_white)):
         raise ValueError(f"T̃ overflows {t_white.dtype}: the jacobian (or the vjp's output) is too large")
@@ -507,12 +537,17 @@ def _whitened_system(samples, basis, kernel, vec, vec_name, jacobian, vjp, lam, 
     else:
         cc, _ = _accumulate(ctx, chunk_size=chunk_size)
         t = _call_vjp(ctx, vjp, q)
+    return ctx, vec, _whiten_means(ctx, cc, t, lam, rcond)
+
+
+def _whiten_means(ctx: _Context, cc, t, lam: float, rcond: float | None):
+    """``T̃`` from ``Ĉ Ĉᵀ`` and ``T̂`` (:func:`_accumulate`) and validated ``lam``, ``rcond``."""
     # in units of the bandwidth: Ĉ Ĉᵀ + (λℓ²) K̂ = ℓ⁴ (C Cᵀ + λ K) and T̂ = ℓ² T give the same T̃
     lam_hat = lam * ctx.ell * ctx.ell
     if not math.isfinite(lam_hat):
         raise ValueError(f"lam · bandwidth² overflows: lam={lam!r}, bandwidth={ctx.ell!r}; use a smaller lam")
     k = _k(ctx) if lam > 0 else None
-    return ctx, vec, _whiten(ctx.xp, cc, t, k, lam_hat if lam_hat > 0 else 0.0, rcond, 1.0)
+    return _whiten(ctx.xp, cc, t, k, lam_hat if lam_hat > 0 else 0.0, rcond, 1.0)
 
 
 def metric_apply(v, samples, *, kernel: Kernel, basis: NystromBasis, lam: float = 0.0,
@@ -531,4 +566,9 @@ def metric_apply(v, samples, *, kernel: Kernel, basis: NystromBasis, lam: float 
         In the namespace, dtype and device of the inputs.
     """
     ctx, v, t_white = _whitened_system(samples, basis, kernel, v, "v", jacobian, vjp, lam, rcond, chunk_size)
+    return _apply_metric(ctx, v, t_white)
+
+
+def _apply_metric(ctx: _Context, v, t_white):
+    """``Ĝ v = T̃ᵀ (T̃ v)`` in the output dtype."""
     return _cast_back(ctx.xp, t_white.T @ (t_white @ v), ctx.out, "metric_apply")
