@@ -19,6 +19,10 @@ try:
     # backend matrix would test float32. It must be set before any JAX array is created, so
     # it is done here, at import, once for the whole session.
     jax.config.update("jax_enable_x64", True)
+    # The matrix's JAX entry is JAX on the CPU (the scope; JAX on a GPU is not tested).
+    # On a machine with a CUDA jaxlib, JAX would put every new array on the GPU by default, so
+    # the CPU is made the only platform, before any backend starts.
+    jax.config.update("jax_platforms", "cpu")
 except ImportError:  # the JAX entries of the matrix are skipped
     jax = None
 
