@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from wngkernels import AuthorsRule, Gaussian, MedianHeuristic, RationalQuadratic
+from wngkernels import Gaussian, RationalQuadratic
 
 H = 1e-5  # central-difference step (float64): truncation ~1e-10, rounding ~1e-11
 
@@ -116,6 +116,12 @@ def test_row_forms_equal_entries_of_the_full_cross_hessian(xy, k, seed):
                          for m in range(x.shape[0])])
     np.testing.assert_allclose(k.cross_hessian_selected(x, dims_x, y, dims_y), loop_sel,
                                rtol=1e-13, atol=1e-15)
+    # K of the estimator: the selected entries at the basis on both sides, symmetric
+    loop_k = np.array([[k.cross_hessian(x[a:a + 1], x[b:b + 1])[0, 0, dims_x[a], dims_x[b]]
+                        for b in range(x.shape[0])] for a in range(x.shape[0])])
+    basis_k = k.basis_gram(x, dims_x)
+    np.testing.assert_array_equal(basis_k, basis_k.T)
+    np.testing.assert_allclose(basis_k, loop_k, rtol=1e-13, atol=1e-15)
 
 
 def test_closed_forms_at_known_points():
@@ -146,6 +152,7 @@ def test_every_method_preserves_namespace_dtype_device(backend, kernel):
                          kernel.cross_hessian_rows(x, dims_x, y), atol=1e-6)
     backend.assert_close(kernel.cross_hessian_selected(bx, dims_x, by, dims_y),
                          kernel.cross_hessian_selected(x, dims_x, y, dims_y), atol=1e-6)
+    backend.assert_close(kernel.basis_gram(bx, dims_x), kernel.basis_gram(x, dims_x), atol=1e-6)
     # coordinate indices may also live in the caller's namespace, on its device
     idx = backend.xp.asarray(dims_x, device=backend.device)
     backend.assert_close(kernel.cross_hessian_rows(bx, idx, by),
@@ -158,44 +165,6 @@ def test_integer_input_promotes_to_default_float():
     torch = pytest.importorskip("torch")
     out = Gaussian(1.0)(torch.arange(6).reshape(3, 2), torch.arange(4).reshape(2, 2))
     assert out.dtype == torch.get_default_dtype()
-
-
-# -- bandwidth rules ----------------------------------------------------------------------
-
-
-@given(points(n_max=6), st.floats(-2, 2))
-def test_authors_rule_equals_brute_force_mean(xy, log_bw):
-    y, x = xy
-    sq = ((y[:, None, :] - x[None, :, :]) ** 2).sum(-1)
-    if sq.mean() == 0:
-        return
-    np.testing.assert_allclose(AuthorsRule(log_bw)(y, x), np.sqrt(10**log_bw * sq.mean()), rtol=1e-12)
-
-
-def test_median_heuristic_equals_numpy_median():
-    rng = np.random.default_rng(1)
-    y, x = rng.normal(size=(7, 3)), rng.normal(size=(9, 3))
-    d2 = ((y[:, None, :] - x[None, :, :]) ** 2).sum(-1).ravel()
-    assert MedianHeuristic()(y, x) == pytest.approx(np.sqrt(np.median(d2)), rel=1e-12)
-
-
-def test_rule_bandwidth_resolves_on_data(backend):
-    rng = np.random.default_rng(2)
-    y, x = rng.normal(size=(4, 2)), rng.normal(size=(6, 2))
-    k = Gaussian(AuthorsRule(0.5))
-    fixed = k.resolve(backend.asarray(y), backend.asarray(x))
-    assert isinstance(fixed.bandwidth, float)
-    assert fixed.bandwidth == pytest.approx(AuthorsRule(0.5)(y, x), rel=backend.rtol)
-    assert fixed.resolve(y, x) is fixed
-    backend.assert_close(k(backend.asarray(y), backend.asarray(x)), Gaussian(fixed.bandwidth)(y, x))
-
-
-def test_rules_refuse_coincident_points():
-    z = np.ones((3, 2))
-    with pytest.raises(ValueError, match="AuthorsRule gave bandwidth 0.0"):
-        AuthorsRule()(z, z)
-    with pytest.raises(ValueError, match="MedianHeuristic gave bandwidth 0.0"):
-        MedianHeuristic()(z, z)
 
 
 # -- bad input ------------------------------------------------------------------------------
@@ -213,13 +182,6 @@ def test_bad_bandwidth_raises(bandwidth):
 def test_bad_alpha_raises(alpha):
     with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
         RationalQuadratic(1.0, alpha=alpha)
-
-
-def test_bad_log_bandwidth_and_max_points_raise():
-    with pytest.raises(ValueError, match="log_bandwidth must be a finite number"):
-        AuthorsRule(float("nan"))
-    with pytest.raises(ValueError, match="max_points must be an int >= 1"):
-        MedianHeuristic(0)
 
 
 @pytest.mark.parametrize("method", ["__call__", "grad_x", "cross_hessian"])
@@ -262,23 +224,10 @@ def test_bad_dims_raise():
         k.cross_hessian_rows(x, [0.0, 1.0, 0.5], y)
     with pytest.raises(ValueError, match=r"dims_y must have shape \(4,\)"):
         k.cross_hessian_selected(x, [0, 1, 0], y, [0])
+    with pytest.raises(ValueError, match=r"dims must lie in \[0, 2\)"):
+        k.basis_gram(x, [0, 3, 0])
+    with pytest.raises(ValueError, match="points must be finite"):
+        k.basis_gram(np.array([[0.0, np.nan], [1.0, 1.0]]), [0, 1])
     torch = pytest.importorskip("torch")
     with pytest.raises(ValueError, match=r"dims must lie in \[0, 2\)"):
         k.cross_hessian_rows(torch.zeros(3, 2), torch.tensor([0, 5, 1]), torch.ones(4, 2))
-
-
-def test_authors_rule_from_the_mean_square_is_the_rule():
-    """The one home of the rule's formula: the rule on (Y, X) equals ``from_mean_square`` of the
-    mean squared distance computed densely; 10^400 · mean square does not overflow."""
-    from wngkernels import AuthorsRule
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(30, 3)) * 1e3
-    y = x[:4]
-    mean_sq = np.mean(((y[:, None] - x[None]) ** 2).sum(-1))
-    rule = AuthorsRule(0.5)
-    assert rule(y, x) == pytest.approx(np.sqrt(10**0.5 * mean_sq), rel=1e-12)
-    assert rule.from_mean_square(mean_sq) == pytest.approx(rule(y, x), rel=1e-12)
-    assert AuthorsRule(400).from_mean_square(4.0) == pytest.approx(2e200, rel=1e-12)
-    with pytest.raises(ValueError, match="all equal"):
-        rule.from_mean_square(0.0)

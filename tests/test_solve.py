@@ -102,3 +102,26 @@ def test_kwng_direction_with_jacobian_damping_uses_the_floor_and_the_rule():
                                 damping_floor=0.3)
     d = np.where(norms > 0, 1.0 / (norms + 0.3), 0.0)
     np.testing.assert_allclose(w_floor, _reference_unseen(t_white, g, 1e-4, d), rtol=1e-8)
+
+
+@pytest.mark.parametrize(("form", "m", "q"), [("primal", 4, 3), ("dual", 3, 9), ("dual-qr", 3, 9)])
+def test_solver_holds_the_eigendecomposition_of_s_transpose_s(backend, form, m, q):
+    """``SᵀS = τ² V diag(μ) Vᵀ`` with orthonormal ``V`` (the dual form keeps ``V = QU`` unformed and
+    forms it on request), against the float64 dense ``SᵀS``; and the solve is the dense solve."""
+    rng = np.random.default_rng(3)
+    t_white, dmp = rng.normal(size=(m, q)) * 40.0, rng.uniform(0.5, 2.0, size=q)
+    solver = wk.factorize_whitened(backend.asarray(t_white), damping=backend.asarray(dmp), form=form)
+    v, mu = backend.to_numpy(solver.vectors), backend.to_numpy(solver.values)
+    s = t_white * np.sqrt(dmp)[None, :]
+    k = q if form == "primal" else m
+    assert v.shape == (q, k) and mu.shape == (k,)
+    tol = 1e-12 if backend.is_float64 else 1e-5
+    np.testing.assert_allclose(v.T @ v, np.eye(k), atol=tol)
+    gram = s.T @ s
+    np.testing.assert_allclose(solver.scale**2 * (v * mu) @ v.T, gram, atol=tol * np.abs(gram).max())
+    g, eps = rng.normal(size=q), 0.3
+    dense = np.sqrt(dmp) * np.linalg.solve(gram + eps * np.eye(q), np.sqrt(dmp) * g)
+    # the system's condition number (~1e4) times the dtype's precision, relative to the largest entry
+    solve_tol = 1e-9 if backend.is_float64 else 1e-2
+    backend.assert_close(solver.solve(backend.asarray(g), eps), dense, rtol=0,
+                         atol=solve_tol * np.abs(dense).max())

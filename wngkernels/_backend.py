@@ -353,16 +353,17 @@ def max_abs(xp, x: Any) -> float:
     return float(xp.max(xp.abs(x)))
 
 
-def float_pair(x, y, names: tuple[str, str] = ("x", "y")):
+def float_pair(x, y, names: tuple[str, str] = ("x", "y"), check_finite: bool = True):
     """Validate ``(n, d)`` and ``(m, d)`` arrays of one library and device.
 
-    Returns ``xp`` and both arrays in one floating dtype (:func:`result_float_dtype`).
+    Returns ``xp`` and both arrays in one floating dtype (:func:`result_float_dtype`). With
+    ``check_finite=False`` the caller checks finiteness itself (e.g. in a read it makes anyway).
     """
     xp = namespace(x, y, names=names)
     common_device(xp, x, y, names=names)
     dtype = result_float_dtype(xp, x, y)
-    x = as_float_matrix(xp, x, names[0], dtype)
-    y = as_float_matrix(xp, y, names[1], dtype)
+    x = as_float_matrix(xp, x, names[0], dtype, check_finite)
+    y = as_float_matrix(xp, y, names[1], dtype, check_finite)
     if x.shape[1] != y.shape[1]:
         raise ValueError(
             f"{names[0]} and {names[1]} must have the same number of features d; "

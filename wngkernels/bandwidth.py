@@ -24,12 +24,18 @@ __all__ = ["AuthorsRule", "MedianHeuristic"]
 
 
 def _normalised(y, x):
-    """``(xp, y/c, x/c, c)`` with ``c`` a power of two near ``max(|y|, |x|)`` (1 if all are 0)."""
-    xp, y, x = _backend.float_pair(y, x, names=("y", "x"))
+    """``(xp, y/c, x/c, c)`` with ``c`` a power of two near ``max(|y|, |x|)`` (1 if all are 0).
+
+    One scalar read: the largest entry, which is also the finiteness check (NaN and Inf propagate
+    through ``max``); only where it fails are ``y`` and ``x`` read again, to name the culprit."""
+    xp, y, x = _backend.float_pair(y, x, names=("y", "x"), check_finite=False)
     work = _backend.work_dtype(xp, x.dtype)
     if work != x.dtype:
         y, x = xp.astype(y, work), xp.astype(x, work)
-    big = max(_backend.max_abs(xp, y), _backend.max_abs(xp, x))
+    big = float(xp.max(xp.stack([xp.max(xp.abs(y)), xp.max(xp.abs(x))])))
+    if not math.isfinite(big):
+        _backend.require_finite(xp, y, "y")
+        _backend.require_finite(xp, x, "x")
     c = math.ldexp(1.0, math.frexp(big)[1] - 1) if big > 0 else 1.0  # c <= big < 2c
     return xp, y / c, x / c, c
 

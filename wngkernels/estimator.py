@@ -247,6 +247,14 @@ def _cc_chunk(ctx: _Context, x):
     return (y @ y.T) * (a @ a.T) + f + f.T + (e @ e.T) * (b @ b.T)
 
 
+def _gram_of_rows(xp, rows):
+    """``Σ_n H_n H_nᵀ`` ``(M, M)`` from a block's rows ``H`` ``(M, c, d)``
+    (:meth:`Kernel.cross_hessian_rows`): ``C Cᵀ`` of the block, times ``c``, in ``O(M² c d)``.
+    The torch edge, which has the rows for ``T``'s cotangents, takes ``C Cᵀ`` from here too."""
+    flat = xp.reshape(rows, (rows.shape[0], -1))
+    return flat @ flat.T
+
+
 def _accumulate(ctx: _Context, jacobian=None, chunk_size=None):
     """One pass over chunks of samples: ``Ĉ Ĉᵀ`` ``(M, M)`` and, given a Jacobian, ``T̂`` ``(M, q)``
     (in units of the bandwidth: ``ℓ⁴ C Cᵀ`` and ``ℓ² T``): :func:`_sums` over ``N``."""
@@ -280,7 +288,7 @@ def _sums(ctx: _Context, jacobian=None, chunk_size=None):
         stop = min(start + step, n)
         chunk = ctx.samples[start:stop, :]
         rows = xp.reshape(ctx.rows(chunk), (m, (stop - start) * d)) if rows_needed else None
-        cc = cc + (rows @ rows.T if ctx.direct else _cc_chunk(ctx, chunk))
+        cc = cc + (_gram_of_rows(xp, rows) if ctx.direct else _cc_chunk(ctx, chunk))
         if jacobian is not None:
             t = t + rows @ xp.reshape(jacobian[start:stop, ...], ((stop - start) * d, -1))
     return cc, t
@@ -344,9 +352,7 @@ def k_gram(samples, *, kernel: Kernel, basis: NystromBasis):
 
 def _k(ctx: _Context):
     """``K̂ = ℓ² K`` (bandwidth units)."""
-    y, e = ctx.points, ctx.onehot
-    k = ctx.kernel._selected(ctx.xp, y, e, y, e)
-    return (k + k.T) / 2
+    return ctx.kernel._basis_gram(ctx.xp, ctx.points, ctx.onehot)
 
 
 def t_matrix(samples, *, kernel: Kernel, basis: NystromBasis, jacobian=None, vjp=None,

@@ -276,9 +276,15 @@ class Kernel:
             equal to ``cross_hessian(x, y)[m, n, dims[m], :]``.
         """
         xp, x, y, out, ell = self._prepare(x, y)
-        factor = _bandwidth_power(ell, 2, xp.finfo(out), "cross_hessian_rows")
         onehot = coordinate_onehot(xp, dims, x.shape[0], x.shape[1], x)
-        return self._cast(xp, factor * self._rows(xp, x, onehot, y, 1.0 / ell), out)
+        return self._cast(xp, self._unit_rows(xp, x, onehot, y, ell, out), out)
+
+    def _unit_rows(self, xp, x, onehot, y, ell: float, out):
+        """:meth:`cross_hessian_rows` on inputs its caller has validated (finite, one work dtype,
+        ``onehot`` ``(M, d)``, ``ell`` the float bandwidth): reads nothing back from the arrays.
+        ``out``: the dtype whose range the factor ``ℓ⁻²`` must fit."""
+        factor = _bandwidth_power(ell, 2, xp.finfo(out), "cross_hessian_rows")
+        return factor * self._rows(xp, x, onehot, y, 1.0 / ell)
 
     def _rows(self, xp, x, onehot, y, inv_ell: float = 1.0):
         """:meth:`cross_hessian_rows` times ``ℓ²`` (in units of the bandwidth), on validated
@@ -323,6 +329,34 @@ class Kernel:
         ex = coordinate_onehot(xp, dims_x, x.shape[0], x.shape[1], x, "dims_x")
         ey = coordinate_onehot(xp, dims_y, y.shape[0], y.shape[1], y, "dims_y")
         return self._cast(xp, factor * self._selected(xp, x, ex, y, ey, 1.0 / ell), out)
+
+    def basis_gram(self, points, dims):
+        r"""The matrix ``K`` of the estimator: the cross Hessian selected at the basis on both sides.
+
+        Parameters
+        ----------
+        points : array, shape (M, d)
+            The basis points ``Y_m``.
+        dims : sequence of int or integer array, shape (M,)
+            Their coordinates ``i_m``.
+
+        Returns
+        -------
+        array, shape (M, M)
+            ``K[m, m'] = ∂_{x_{i_m}} ∂_{y_{i_{m'}}} k(Y_m, Y_{m'})``, the Gram matrix of the basis
+            functions in the RKHS; symmetric (the mean of
+            :meth:`cross_hessian_selected` ``(points, dims, points, dims)`` and its transpose, which
+            differ by rounding only).
+        """
+        xp, x, _, out, ell = self._prepare(points, points, names=("points", "points"))
+        onehot = coordinate_onehot(xp, dims, x.shape[0], x.shape[1], x, "dims")
+        factor = _bandwidth_power(ell, 2, xp.finfo(out), "basis_gram")
+        return self._cast(xp, factor * self._basis_gram(xp, x, onehot, 1.0 / ell), out)
+
+    def _basis_gram(self, xp, y, onehot, inv_ell: float = 1.0):
+        """:meth:`basis_gram` times ``ℓ²`` on validated inputs (reads nothing back)."""
+        k = self._selected(xp, y, onehot, y, onehot, inv_ell)
+        return (k + k.T) / 2
 
     def _selected(self, xp, x, ex, y, ey, inv_ell: float = 1.0):
         """:meth:`cross_hessian_selected` times ``ℓ²`` on validated inputs (one-hot ``ex``, ``ey``)."""

@@ -258,12 +258,14 @@ def _unseen_step(xp, w, grad, excluded):
 class WhitenedSolver:
     r"""``g ↦ (T̃ᵀT̃ + ε D⁻¹)⁻¹ g`` for any ``ε``, factorised once (:func:`factorize_whitened`).
 
-    With ``S = T̃ D^{1/2}`` and ``h = D^{1/2} g``, it stores ``V`` with orthonormal columns, a
+    With ``S = T̃ D^{1/2}`` and ``h = D^{1/2} g``, it holds ``V`` with orthonormal columns, a
     scale ``τ`` and ``μ`` such that ``SᵀS = τ² V diag(μ) Vᵀ``, and in the dual form the
     orthonormal ``Q`` spanning the range of ``Sᵀ``: then
-    ``(SᵀS + εI)⁻¹h = τ⁻² V diag(1/(μ + ε/τ²)) Vᵀh [+ ε⁻¹(h − QQᵀh)]``. A solve costs a few
-    products with ``V`` (and ``Q``) — what a training loop needs between refreshes of ``T̃``,
-    for any ``ε``. ``τ`` (near the largest entry of ``S``) keeps every intermediate in range:
+    ``(SᵀS + εI)⁻¹h = τ⁻² V diag(1/(μ + ε/τ²)) Vᵀh [+ ε⁻¹(h − QQᵀh)]``. In the dual form
+    ``V = QU`` is kept as ``Q`` and the ``M × M`` rotation ``U``, never formed: a solve then
+    passes over ``Q`` twice (``y = Qᵀh``, then ``Q [c, y]`` for ``c = U diag(·) Uᵀy`` in one
+    product), however many parameters there are — what a training loop needs between refreshes
+    of ``T̃``, for any ``ε``. ``τ`` (near the largest entry of ``S``) keeps every intermediate in range:
     the direction is accurate whenever it is representable, whatever the scale of ``T̃``.
 
     **Excluded parameters.** Where ``D_jj = 0`` (:func:`damping_from_whitened` gives it to the
@@ -276,8 +278,8 @@ class WhitenedSolver:
 
     Attributes
     ----------
-    vectors : array, shape (q, k)
-        ``V`` (``k = q`` in the primal form, ``k = M`` in the dual form).
+    factor : array, shape (q, q) or (M, M)
+        ``V`` in the primal form; ``U`` in the dual form (``V = QU``).
     values : array, shape (k,)
         ``μ >= 0``, the eigenvalues of ``SᵀS / τ²``.
     root : array, shape (q,) or None
@@ -291,12 +293,23 @@ class WhitenedSolver:
         zero or not finite).
     """
 
-    vectors: Any
+    factor: Any
     values: Any
     root: Any
     span: Any
     excluded: Any = None
     scale: float = 1.0
+
+    @property
+    def vectors(self):
+        """``V`` ``(q, k)``, orthonormal columns (``k = q`` primal, ``k = M`` dual: formed here as
+        ``QU``, a pass over ``Q`` that the solve itself never makes)."""
+        return self.factor if self.span is None else self.span @ self.factor
+
+    @property
+    def num_params(self) -> int:
+        """``q``."""
+        return (self.factor if self.span is None else self.span).shape[0]
 
     def solve(self, grad, eps: float, *, check_finite: bool = True):
         """The direction ``w`` ``(q,)`` for the gradient ``grad`` ``(q,)`` and damping ``eps > 0``.
@@ -323,15 +336,16 @@ class WhitenedSolver:
         TypeError
             If ``grad`` is not an array of the solver's library, or ``eps`` not a real number.
         """
-        xp = _backend.namespace(grad, self.vectors, names=("grad", "vectors"))
+        xp = _backend.namespace(grad, self.factor, names=("grad", "factor"))
         eps = _backend.check_positive_scalar(eps, "eps")
-        _backend.check_shape(grad, "grad", (self.vectors.shape[0],), "(q,)")
+        _backend.check_shape(grad, "grad", (self.num_params,), "(q,)")
         return self._solve(xp, grad, eps, check_finite)
 
     def _solve(self, xp, grad, eps: float, check_finite: bool):
         """:meth:`solve` on a validated ``grad`` of shape ``(q,)`` and ``eps > 0``."""
         out = _backend.result_float_dtype(xp, grad)
-        grad = grad if grad.dtype == self.vectors.dtype else xp.astype(grad, self.vectors.dtype)
+        work = self.factor.dtype
+        grad = grad if grad.dtype == work else xp.astype(grad, work)
         if check_finite:
             _backend.require_finite(xp, grad, "grad")
         with _backend.ignore_overflow():  # an overflow (eps too small) is refused by the callers' check
@@ -339,10 +353,15 @@ class WhitenedSolver:
             tau = self.scale
             # in units of τ²: eps/τ² and μ are moderate whatever the scale of T̃; dividing by τ twice
             # passes through magnitudes between x and w, so nothing overflows that w would not
-            x = self.vectors @ ((self.vectors.T @ h) / (self.values + eps / tau / tau))
-            x = x / tau / tau if tau != 1 else x
-            if self.span is not None:
-                x = x + (h - self.span @ (self.span.T @ h)) / eps
+            v, span = self.factor, self.span
+            y = h if span is None else span.T @ h  # (q,) primal, Qᵀh (M,) dual
+            c = v @ ((v.T @ y) / (self.values + eps / tau / tau))
+            c = c / tau / tau if tau != 1 else c
+            if span is None:
+                x = c
+            else:  # Q c and Q y in one pass over Q; h − Qy is the cancellation, then divided by ε
+                both = span @ xp.stack([c, y], axis=1)
+                x = both[:, 0] + (h - both[:, 1]) / eps
             if self.root is not None:
                 x = self.root * x
                 if self.excluded is not None:
@@ -429,8 +448,7 @@ def _factorize(xp, t_white, damping, form: str) -> WhitenedSolver:
     else:
         span = xp.linalg.qr(s.T)[0] if form == "dual-qr" else _orthonormal_range(xp, s.T)  # Q (q, M)
         b = s @ span  # (M, M): SQ, so QᵀSᵀSQ = bᵀb
-        mu, u = xp.linalg.eigh(b.T @ b)
-        vectors = span @ u
+        mu, vectors = xp.linalg.eigh(b.T @ b)  # U: V = QU is never formed
     return WhitenedSolver(vectors, xp.where(mu > 0, mu, 0.0), root, span, excluded, tau)
 
 

@@ -8,8 +8,10 @@ import math
 
 import numpy as np
 import torch
+from array_api_compat import array_namespace
 
 from ..bandwidth import AuthorsRule
+from ..estimator import _gram_of_rows
 from ..kernels import Kernel
 from ..nystrom import NystromBasis, nystrom_basis
 from ._batched import (
@@ -100,9 +102,11 @@ class _Capture:
             if not checked and not bool(torch.isfinite(xd).all()):
                 pend.bad = True
                 return False
-            rows = pend.kernel.cross_hessian_rows(pend.points, pend.dims, xd)  # (M, n, d)
-            flat = rows.reshape(rows.shape[0], -1)
-            pend.cc += flat @ flat.T
+            # the kernel's rows (M, n, d) without re-validating: xd's finiteness was read above or in
+            # _draw, the points are rows of the first micro-batch, the one-hot was built from our dims
+            xp = array_namespace(xd)
+            rows = pend.kernel._unit_rows(xp, pend.points, pend.onehot, xd, pend.kernel.bandwidth, xd.dtype)
+            pend.cc += _gram_of_rows(xp, rows)
             return self._backward(outputs, rows, loss if fuse else None, params, pend, dtype)
         return False
 
@@ -170,6 +174,7 @@ class _Capture:
         m = basis.num_basis
         pend.cc = torch.zeros(m, m, dtype=xd.dtype, device=dev)
         pend.points, pend.dims = points, dims
+        pend.onehot = (dims[:, None] == torch.arange(xd.shape[1], device=dev)).to(xd.dtype)  # E (M, d)
         self.last_basis = basis
         if float(finite) < 1.0:
             pend.bad = True

@@ -70,8 +70,7 @@ def refreshed(cc, t, pend: _Pending, scale: float, *, lam: float, damping: str, 
     back to ``g``."""
     k = None
     if lam > 0:
-        k = pend.kernel.cross_hessian_selected(pend.points, pend.dims, pend.points, pend.dims)
-        k = (k + k.T) / 2
+        k = pend.kernel.basis_gram(pend.points, pend.dims)
     if not bool(torch.isfinite(cc).all()):
         return None
     t_white = whiten(cc, t, k=k, lam=lam, scale=scale)

@@ -112,6 +112,7 @@ class _Pending:
     bad: bool = False  # T or C Cᵀ could not be formed (non-finite outputs, degenerate bandwidth)
     points: torch.Tensor | None = None  # (M, d)
     dims: torch.Tensor | None = None  # (M,)
+    onehot: torch.Tensor | None = None  # (M, d): E[m, dims[m]] = 1, in the work dtype
     kernel: Kernel | None = None  # bandwidth resolved
     cc: torch.Tensor | None = None  # Σ_n H_n H_nᵀ (M, M)
     t: torch.Tensor | None = None  # factor · Σ_n Σ_i H_n[:, i] ∇θ X_{n,i}  (M, q), from the first backward
