@@ -77,3 +77,14 @@ def test_evaluation_with_batch_statistics_leaves_the_running_statistics_alone():
     assert acc == pytest.approx(float((out[:10].argmax(1) == y[:10]).double().mean()))
     assert loss_eval == pytest.approx(float(F.cross_entropy(out_eval, y)), rel=1e-5)
     assert acc_eval == pytest.approx(float((out_eval[:10].argmax(1) == y[:10]).double().mean()))
+
+
+def test_solve_time_quick_run_prints_every_stage(capsys):
+    import solve_time
+
+    solve_time.main(["--quick"])
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("| 5 |")]
+    assert len(row) == 1
+    values = [float(v) for v in row[0].strip("|").split("|")[1:]]
+    assert len(values) == 5 and all(v > 0 for v in values)
