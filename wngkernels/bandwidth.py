@@ -91,10 +91,16 @@ class AuthorsRule:
         """
         xp, y, x, c = _normalised(y, x)
         center = xp.mean(x, axis=0)
-        mean_sq = xp.mean(xp.sum((y - center) ** 2, axis=1)) + xp.mean(
-            xp.sum((x - center) ** 2, axis=1)
-        )
-        return self.from_mean_square(float(mean_sq), scale=c)
+        spread = xp.mean(xp.sum((x - center) ** 2, axis=1))
+        return self.from_mean_square(float(self._mean_square(xp, y, center, spread)), scale=c)
+
+    @staticmethod
+    def _mean_square(xp, y, center, spread):
+        r"""The centred form :math:`\frac1M\sum_m\lVert Y_m-\bar X\rVert^2 + s`, ``s`` the samples'
+        mean squared deviation from their mean ``center`` (0-d array): the mean squared distance
+        of every pair. The data-parallel preconditioner passes ``center`` and ``s`` reduced over
+        its processes."""
+        return xp.mean(xp.sum((y - center) ** 2, axis=1)) + spread
 
     def from_mean_square(self, mean_sq: float, *, scale: float = 1.0) -> float:
         r"""``ℓ`` from the mean squared distance :math:`\frac{1}{MN}\sum_{m,n}\lVert Y_m - X_n\rVert^2`

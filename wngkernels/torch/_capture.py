@@ -215,7 +215,7 @@ class _Capture:
             stats = comm.sum_(torch.cat([xd.sum(0), xd.new_tensor([xd.shape[0]])]))
             center = stats[:-1] / stats[-1]
             dev = comm.sum_(((xd - center) ** 2).sum().reshape(1))
-            mean_sq = float(((points - center) ** 2).sum(1).mean() + dev[0] / stats[-1])
+            mean_sq = float(AuthorsRule._mean_square(array_namespace(xd), points, center, dev[0] / stats[-1]))
             return kernel.with_bandwidth(rule.from_mean_square(mean_sq))  # 0 or an overflow: ValueError
         # another rule: rank 0 evaluates it on its own batch; a failure there (NaN) reaches every rank
         ell = math.nan
