@@ -277,9 +277,9 @@ class Kernel:
         """
         xp, x, y, out, ell = self._prepare(x, y)
         onehot = coordinate_onehot(xp, dims, x.shape[0], x.shape[1], x)
-        return self._cast(xp, self._unit_rows(xp, x, onehot, y, ell, out), out)
+        return self._cast(xp, self._rows_unchecked(xp, x, onehot, y, ell, out), out)
 
-    def _unit_rows(self, xp, x, onehot, y, ell: float, out):
+    def _rows_unchecked(self, xp, x, onehot, y, ell: float, out):
         """:meth:`cross_hessian_rows` on inputs its caller has validated (finite, one work dtype,
         ``onehot`` ``(M, d)``, ``ell`` the float bandwidth): reads nothing back from the arrays.
         ``out``: the dtype whose range the factor ``ℓ⁻²`` must fit."""

@@ -105,7 +105,8 @@ class _Capture:
             # the kernel's rows (M, n, d) without re-validating: xd's finiteness was read above or in
             # _draw, the points are rows of the first micro-batch, the one-hot was built from our dims
             xp = array_namespace(xd)
-            rows = pend.kernel._unit_rows(xp, pend.points, pend.onehot, xd, pend.kernel.bandwidth, xd.dtype)
+            kernel = pend.kernel
+            rows = kernel._rows_unchecked(xp, pend.points, pend.onehot, xd, kernel.bandwidth, xd.dtype)
             pend.cc += _gram_of_rows(xp, rows)
             return self._backward(outputs, rows, loss if fuse else None, params, pend, dtype)
         return False
