@@ -443,13 +443,13 @@ def _factorize(xp, t_white, damping, form: str) -> WhitenedSolver:
     else:
         tau = 1.0
     if form == "primal" or (form == "auto" and q <= m):
-        mu, vectors = xp.linalg.eigh(s.T @ s)
+        mu, factor = xp.linalg.eigh(s.T @ s)  # V
         span = None
     else:
         span = xp.linalg.qr(s.T)[0] if form == "dual-qr" else _orthonormal_range(xp, s.T)  # Q (q, M)
         b = s @ span  # (M, M): SQ, so QᵀSᵀSQ = bᵀb
-        mu, vectors = xp.linalg.eigh(b.T @ b)  # U: V = QU is never formed
-    return WhitenedSolver(vectors, xp.where(mu > 0, mu, 0.0), root, span, excluded, tau)
+        mu, factor = xp.linalg.eigh(b.T @ b)  # U: V = QU is never formed
+    return WhitenedSolver(factor, xp.where(mu > 0, mu, 0.0), root, span, excluded, tau)
 
 
 def solve_whitened(t_white, grad, *, eps: float, damping=None, form: str = "auto"):
