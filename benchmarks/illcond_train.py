@@ -14,7 +14,9 @@ same batches for a given seed:
 - ``kwng_refresh10``: the same with ``refresh_every=10``;
 - ``kwng_sub32``: ``T`` and ``C Cᵀ`` from a 32-sample sub-batch with its own forward (the split form:
   ``capture(model(x[:32]), loss)``, the full batch's ``loss.backward()``, ``step()``): ``T``'s backward
-  runs over 32 samples instead of 128 (a cheaper Monte-Carlo estimate of the metric).
+  runs over 32 samples instead of 128 (a cheaper Monte-Carlo estimate of the metric);
+- ``kwng_bf16T``, ``kwng_sub32_bf16T``: ``T`` from its own forward under bfloat16 autocast (of the
+  whole batch, or of 32 samples), so ``T``'s backward runs in bfloat16; ``g`` stays float32.
 
 Reported per method (median over seeds): best and final test accuracy and the final training
 loss (whole training set) as the authors' trainer measures them (BatchNorm normalises with the
@@ -32,6 +34,7 @@ epoch), ``illcond_train.md`` and ``illcond_train.png`` (test accuracy against tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -60,6 +63,8 @@ METHODS = {
     "kwng": ("sgd", 10.0, 0.0, "kwng", {}),
     "kwng_refresh10": ("sgd", 10.0, 0.0, "kwng", {"refresh_every": 10}),
     "kwng_sub32": ("sgd", 10.0, 0.0, "kwng", {"t_batch": 32}),
+    "kwng_bf16T": ("sgd", 10.0, 0.0, "kwng", {"t_autocast": torch.bfloat16}),
+    "kwng_sub32_bf16T": ("sgd", 10.0, 0.0, "kwng", {"t_batch": 32, "t_autocast": torch.bfloat16}),
 }
 QUICK = ("sgd_lr1", "adam_lr1e-3", "authors", "kwng", "kwng_refresh10")
 
@@ -107,6 +112,7 @@ def train(name: str, seed: int, args, data, device):
     opt_name, lr, momentum, precond, options = METHODS[name]
     options = dict(options)
     t_batch = options.pop("t_batch", None)  # T from a sub-batch with its own forward (split form)
+    t_cast = options.pop("t_autocast", None)  # ... or from its own forward under autocast
     torch.manual_seed(seed)
     model = ResNet18(width=args.width).to(device).train()
     params = list(model.parameters())
@@ -143,7 +149,10 @@ def train(name: str, seed: int, args, data, device):
         for b in range(0, len(x_tr), args.batch):
             idx = perm[b:b + args.batch]
             opt.zero_grad()
-            out_t = model(x_tr[idx[:t_batch]]) if t_batch else None
+            out_t = None
+            if t_batch or t_cast:
+                with torch.autocast(device.type, dtype=t_cast) if t_cast else contextlib.nullcontext():
+                    out_t = model(x_tr[idx[:t_batch]])
             out = model(x_tr[idx])
             loss = F.cross_entropy(out, y_tr[idx])
             if out_t is not None:

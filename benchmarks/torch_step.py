@@ -1,7 +1,9 @@
 """Step time of KWNG against plain SGD and the authors' recipe, in the same run on the same device.
 
 One step = forward, backward (and the preconditioner), ``SGD.step``, on a fixed random batch;
-the median over ``--steps`` timed steps after ``--warmup``, GPU-synchronised. Methods:
+the median over ``--steps`` timed steps after ``--warmup``, GPU-synchronised. With ``--rounds k``
+the methods are timed in ``k`` interleaved rounds (every method once per round) and each ratio is
+taken within a round, so a drift of the machine's speed touches both sides of it. Methods:
 
 - ``sgd``: ``loss.backward()``;
 - ``authors M=k``: ``benchmarks/illcond.AuthorsRecipe`` — ``M`` backward passes for ``T``, then
@@ -11,7 +13,9 @@ the median over ``--steps`` timed steps after ``--warmup``, GPU-synchronised. Me
 - ``kwng split M=k``: ``capture``, ``loss.backward()``, ``step`` (two backward passes);
 - ``kwng loop M=k``: ``vjp_mode="loop"``; ``kwng M=5 refresh=10``: ``refresh_every=10``;
 - ``sub32``/``sub16``: ``T`` from a 32-/16-sample sub-batch with its own forward (split form:
-  ``capture(model(x[:k]), loss)``, ``loss.backward()``, ``step``).
+  ``capture(model(x[:k]), loss)``, ``loss.backward()``, ``step``);
+- ``bf16T``/``sub32bf16T``: ``T`` from its own forward under bfloat16 autocast (whole batch / 32
+  samples), so ``T``'s backward runs in bfloat16.
 
 Models (``--model``): ``resnet18`` — the seed's ill-conditioned ResNet-18 (CIFAR stem, logits ×
 ``logspace(-6, 1, 10)``), 3×32×32; ``resnet50`` — torchvision's ResNet-50 (10 classes) at
@@ -27,6 +31,7 @@ of the last 8 positions). ``--compile`` wraps the model in ``torch.compile`` (de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -99,7 +104,9 @@ def _methods(quick: bool):
     out = {"sgd": ("sgd", 0, {}), "authors5": ("authors", 5, {}), "kwng5": ("kwng", 5, {}),
            "split5": ("split", 5, {}), "loop5": ("kwng", 5, {"vjp_mode": "loop"}),
            "refresh10": ("kwng", 5, {"refresh_every": 10}),
-           "sub32": ("sub", 5, {"t_batch": 32}), "sub16": ("sub", 5, {"t_batch": 16})}
+           "sub32": ("sub", 5, {"t_batch": 32}), "sub16": ("sub", 5, {"t_batch": 16}),
+           "bf16T": ("sub", 5, {"t_autocast": torch.bfloat16}),
+           "sub32bf16T": ("sub", 5, {"t_batch": 32, "t_autocast": torch.bfloat16})}
     if not quick:
         out.update({"authors64": ("authors", 64, {}), "kwng64": ("kwng", 64, {}),
                     "loop64": ("kwng", 64, {"vjp_mode": "loop"})})
@@ -109,11 +116,13 @@ def _methods(quick: bool):
 LABELS = {"sgd": "SGD", "authors5": "authors' recipe M=5", "kwng5": "KWNG M=5 (precondition)",
           "split5": "KWNG M=5 split form (2 backward)", "loop5": "KWNG M=5 vjp_mode=loop",
           "refresh10": "KWNG M=5 refresh_every=10", "sub32": "KWNG M=5, T from 32 samples",
-          "sub16": "KWNG M=5, T from 16 samples", "authors64": "authors' recipe M=64",
+          "sub16": "KWNG M=5, T from 16 samples", "bf16T": "KWNG M=5, T's forward and backward in bf16",
+          "sub32bf16T": "KWNG M=5, T from 32 samples in bf16", "authors64": "authors' recipe M=64",
           "kwng64": "KWNG M=64 (precondition)", "loop64": "KWNG M=64 vjp_mode=loop"}
 
 
-def step_ms(kind, m, options, args, device) -> float:
+def make_step(kind, m, options, args, device):
+    """A closure that takes one timed step of the method (forward, backward/preconditioner, ``SGD.step``)."""
     torch.manual_seed(0)
     model, x, y, loss_fn = make_problem(args.model, device, args.batch, args.width)
     if args.compile:
@@ -122,13 +131,11 @@ def step_ms(kind, m, options, args, device) -> float:
     opt = torch.optim.SGD(params, lr=1e-3)
     options = dict(options)
     t_batch = options.pop("t_batch", None)
+    t_cast = options.pop("t_autocast", None)
     kwng = KWNG(params, num_basis=m, optimizer=opt, **options) if kind in ("kwng", "split", "sub") else None
     authors = AuthorsRecipe(params, num_basis=m) if kind == "authors" else None
-    times = []
-    for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+
+    def step():
         opt.zero_grad()
         out = model(x)
         loss = loss_fn(out, y)
@@ -137,15 +144,31 @@ def step_ms(kind, m, options, args, device) -> float:
         elif kind == "authors":
             authors.step(out, loss, lr=1e-3)
         elif kind in ("split", "sub"):
-            kwng.capture(model(x[:t_batch]) if kind == "sub" else out, loss)
+            out_t = out
+            if kind == "sub":
+                with torch.autocast(device.type, dtype=t_cast) if t_cast else contextlib.nullcontext():
+                    out_t = model(x[:t_batch])
+            kwng.capture(out_t, loss)
             loss.backward()
             kwng.step()
         else:
             kwng.precondition(out, loss)
         opt.step()
+
+    return step
+
+
+def median_step_ms(step, steps: int, warmup: int, device) -> float:
+    """Median wall time of ``steps`` GPU-synchronised steps after ``warmup`` untimed ones."""
+    times = []
+    for i in range(warmup + steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i >= args.warmup:
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
             times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
@@ -156,7 +179,9 @@ def main(argv=None):
     ap.add_argument("--device", default=default, choices=["cuda", "cpu"])
     ap.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50", "vit", "lm"])
     ap.add_argument("--steps", type=int, default=30, help="timed steps per method (median reported)")
-    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=8, help="untimed steps before each round's timed ones")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds over all methods, interleaved; the ratios are taken within each round")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--width", type=int, default=64, help="resnet18's first-stage channels")
     ap.add_argument("--methods", help="comma-separated subset of " + ", ".join(_methods(False)))
@@ -166,6 +191,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.device, args.steps, args.warmup, args.batch, args.width = "cpu", 2, 1, 8, 8
+        args.rounds = min(args.rounds, 2)
     methods = _methods(args.quick)
     names = args.methods.split(",") if args.methods else list(methods)
     unknown = [n for n in names if n not in methods]
@@ -174,23 +200,38 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    rows = {n: step_ms(*methods[n], args, device) for n in names}
-    base = rows.get("sgd")
-    anchor = {5: rows.get("authors5"), 64: rows.get("authors64")}
+    steps = {n: make_step(*methods[n], args, device) for n in names}
+    per_round = {n: [] for n in names}
+    for _ in range(args.rounds):  # methods interleaved: a drift of the machine touches every method alike
+        for n in names:
+            per_round[n].append(median_step_ms(steps[n], args.steps, args.warmup, device))
+    rows = {n: statistics.median(v) for n, v in per_round.items()}
+
+    def ratios(n, ref):
+        """The ratio to ``ref`` in each round (same round, same machine state), and their median."""
+        if ref not in per_round or n == ref:
+            return None
+        r = [a / b for a, b in zip(per_round[n], per_round[ref], strict=True)]
+        return statistics.median(r), min(r), max(r)
+
+    def show(r):
+        if r is None:
+            return "—"
+        return f"{r[0]:.2f}" if args.rounds == 1 else f"{r[0]:.2f} ({r[1]:.2f}–{r[2]:.2f})"
+
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model}{' (compiled)' if args.compile else ''}, batch {args.batch}, median of {args.steps} "
-          f"steps, {dev}, torch {torch.__version__}")
+          f"steps per round, {args.rounds} round(s) with the methods interleaved (median over rounds; "
+          f"ratios taken within each round: median (smallest–largest)), {dev}, torch {torch.__version__}")
     print("| method | ms/step | × SGD | × authors' recipe (same M) |\n|---|---|---|---|")
     for n, ms in rows.items():
-        m = methods[n][1]
-        ref = anchor.get(m)
-        sgd = f"{ms / base:.2f}" if base else "—"
-        auth = f"{ms / ref:.2f}" if ref and n != "sgd" else "—"
-        print(f"| {LABELS[n]} | {ms:.2f} | {sgd} | {auth} |")
+        anchor = {5: "authors5", 64: "authors64"}.get(methods[n][1])
+        print(f"| {LABELS[n]} | {ms:.2f} | {show(ratios(n, 'sgd'))} | {show(ratios(n, anchor))} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": dev, "model": args.model, "compile": args.compile, "batch": args.batch,
-                       "steps": args.steps, "ms_per_step": rows}, f, indent=1)
+                       "steps": args.steps, "rounds": args.rounds, "ms_per_step": rows,
+                       "ms_per_round": per_round}, f, indent=1)
     return rows
 
 

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import wngkernels as wk
+from wngkernels import solve
 from wngkernels.solve import DAMPING_FLOOR, UNSEEN_SHARE
 
 
@@ -104,10 +105,14 @@ def test_kwng_direction_with_jacobian_damping_uses_the_floor_and_the_rule():
     np.testing.assert_allclose(w_floor, _reference_unseen(t_white, g, 1e-4, d), rtol=1e-8)
 
 
+@pytest.mark.parametrize("block", [None, 2], ids=["plain", "blocked"])
 @pytest.mark.parametrize(("form", "m", "q"), [("primal", 4, 3), ("dual", 3, 9), ("dual-qr", 3, 9)])
-def test_solver_holds_the_eigendecomposition_of_s_transpose_s(backend, form, m, q):
+def test_solver_holds_the_eigendecomposition_of_s_transpose_s(backend, form, m, q, block, monkeypatch):
     """``SᵀS = τ² V diag(μ) Vᵀ`` with orthonormal ``V`` (the dual form keeps ``V = QU`` unformed and
-    forms it on request), against the float64 dense ``SᵀS``; and the solve is the dense solve."""
+    forms it on request), against the float64 dense ``SᵀS``; and the solve is the dense solve.
+    ``blocked``: the long axis cut into blocks of 2 (4 blocks and a tail), as a long ``q`` is."""
+    if block:
+        monkeypatch.setattr(solve, "_GRAM_BLOCK", block)
     rng = np.random.default_rng(3)
     t_white, dmp = rng.normal(size=(m, q)) * 40.0, rng.uniform(0.5, 2.0, size=q)
     solver = wk.factorize_whitened(backend.asarray(t_white), damping=backend.asarray(dmp), form=form)
@@ -125,3 +130,48 @@ def test_solver_holds_the_eigendecomposition_of_s_transpose_s(backend, form, m, 
     solve_tol = 1e-9 if backend.is_float64 else 1e-2
     backend.assert_close(solver.solve(backend.asarray(g), eps), dense, rtol=0,
                          atol=solve_tol * np.abs(dense).max())
+
+
+@pytest.mark.parametrize(("m", "p", "q", "block"),
+                         [(5, 5, 3 * 16 + 5, 16), (3, 1, 64, 16), (4, 2, 8292, None)])
+def test_blocked_gram_is_the_product(backend, m, p, q, block, monkeypatch):
+    """``_gram(a, b) = a bᵀ`` against float64, with and without a tail of the long axis, for a
+    row-major ``a`` and a transposed view (the blocks are then copies), at the real block length too."""
+    if block:
+        monkeypatch.setattr(solve, "_GRAM_BLOCK", block)
+    rng = np.random.default_rng(q)
+    a, b = rng.normal(size=(m, q)) * np.logspace(0, -3, q), rng.normal(size=(p, q))
+    xp = backend.xp
+    want = a @ b.T
+    tol = 1e-12 if backend.is_float64 else 1e-5
+    got = solve._gram(xp, backend.asarray(a), backend.asarray(b))
+    backend.assert_close(got, want, rtol=0, atol=tol * np.abs(want).max())
+    a_view = xp.permute_dims(backend.asarray(a.T), (1, 0))  # (m, q), column-major
+    backend.assert_close(solve._gram(xp, a_view), a @ a.T, rtol=0, atol=tol * np.abs(a @ a.T).max())
+
+
+@pytest.mark.parametrize("scale", ["moderate", "huge", "tiny", "zero column", "mixed"])
+def test_column_norms_neither_overflow_nor_underflow(backend, scale):
+    """``_column_norms`` against float64 norms: the plain sum of squares where it is exact, a
+    per-column scale where squares would overflow (1e30 in float32) or be lost (1e-30), and an
+    exactly zero column read as zero, never as a column of lost squares."""
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(4, 40))
+    big = 1e30 if not backend.is_float64 else 1e300
+    small = 1e-30 if not backend.is_float64 else 1e-300
+    if scale == "huge":
+        a[:, 3] *= big
+    elif scale == "tiny":
+        a[:, 3] *= small
+    elif scale == "zero column":
+        a[:, 3] = 0.0
+    elif scale == "mixed":
+        a[:, 3] *= big
+        a[:, 5] *= small
+        a[:, 7] = 0.0
+    want = np.array([np.linalg.norm(a[:, j] / np.abs(a[:, j]).max()) * np.abs(a[:, j]).max()
+                     if np.any(a[:, j]) else 0.0 for j in range(a.shape[1])])
+    got = backend.to_numpy(solve._column_norms(backend.xp, backend.asarray(a)))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-12 if backend.is_float64 else 2e-6)
+    assert (got == 0).sum() == (want == 0).sum()

@@ -88,3 +88,55 @@ def test_solve_time_quick_run_prints_every_stage(capsys):
     assert len(row) == 1
     values = [float(v) for v in row[0].strip("|").split("|")[1:]]
     assert len(values) == 5 and all(v > 0 for v in values)
+
+
+@pytest.mark.parametrize("name", ["kwng_bf16T", "kwng_sub32_bf16T"])
+def test_t_under_autocast_methods_train(name):
+    """The training benchmark's bf16-``T`` methods run (CPU autocast) and move the loss, no fallback."""
+    import argparse
+
+    args = argparse.Namespace(width=4, num_basis=5, batch=128, epochs=1)
+    rows = illcond_train.train(name, 0, args, illcond.digits_32(torch.device("cpu"), 16), torch.device("cpu"))
+    assert len(rows) == 2 and rows[-1]["fallbacks"] == 0 and rows[-1]["nonfinite_params"] == 0
+    assert rows[-1]["train_loss"] != rows[0]["train_loss"]
+
+
+def test_step_benchmark_interleaves_rounds(tmp_path, capsys):
+    import json
+
+    import torch_step
+
+    torch_step.main(["--quick", "--rounds", "2", "--methods", "sgd,authors5,kwng5,bf16T",
+                     "--out", str(tmp_path / "s.json")])
+    got = json.loads((tmp_path / "s.json").read_text())
+    assert got["rounds"] == 2 and all(len(v) == 2 for v in got["ms_per_round"].values())
+    table = capsys.readouterr().out
+    kwng = next(line for line in table.splitlines() if line.startswith("| KWNG M=5 (precondition)"))
+    ratio = kwng.split("|")[4].strip()  # "r (lo–hi)": the ratio to the authors' recipe within the rounds
+    r, lo, hi = (float(v) for v in ratio.replace("(", "").replace(")", "").replace("–", " ").split())
+    assert 0 < lo <= r <= hi
+
+
+def test_cheap_t_measures_against_a_reproducible_exact_direction():
+    """The same option and basis twice gives the same direction (cosine 1: BatchNorm buffers restored,
+    nothing carried between measurements); the quick run reports every option at every checkpoint."""
+    import cheap_t
+
+    torch.manual_seed(0)
+    model = illcond.ResNet18(width=4).train()
+    params = list(model.parameters())
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    from wngkernels import nystrom_basis
+
+    basis = nystrom_basis((32, 10), 5, rng=0)
+    before = [b.clone() for b in model.buffers()]
+    got = cheap_t.measure(model, params, [(x, y)], 1e-4, 5, np.random.default_rng(0), torch.device("cpu"))
+    for b, v in zip(model.buffers(), before, strict=True):
+        assert torch.equal(b, v)
+    w1 = cheap_t.direction(model, params, x, y, cheap_t.OPTIONS["exact"], basis, 1e-4, 5, torch.device("cpu"))
+    w2 = cheap_t.direction(model, params, x, y, cheap_t.OPTIONS["exact"], basis, 1e-4, 5, torch.device("cpu"))
+    assert float(w1 @ w2 / (w1.norm() * w2.norm())) == pytest.approx(1.0, abs=1e-6)
+    assert set(got) == set(cheap_t.OPTIONS) - {"exact"}
+    assert all(-1 - 1e-9 <= c <= 1 + 1e-9 for cos, _ in got.values() for c in cos)
+    rows = cheap_t.main(["--quick"])
+    assert {(r[0], r[2]) for r in rows} == {(e, n) for e in (0, 1) for n in cheap_t.OPTIONS if n != "exact"}
