@@ -256,24 +256,30 @@ def _gram(xp, a, b=None):
     return out if cut == q else out + a[:, cut:] @ b[:, cut:].T
 
 
-def _orthonormal_rows(xp, a, passes: int = 2):
-    """Orthonormal rows spanning the row space of ``a`` ``(M, q)``, from ``M × M`` Gram matrices.
+def _inverse_root(xp, gram, tiny: float):
+    """``U Λ^{-1/2}`` for ``gram = U Λ Uᵀ``, with zero columns where ``λ <= tiny·max λ`` (cut)."""
+    lam, u = xp.linalg.eigh(gram)
+    keep = lam > tiny * xp.max(lam)
+    return u * xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, lam, 1.0)), 0.0)[None, :]
 
-    Each pass eigen-decomposes ``a aᵀ = U Λ Uᵀ`` and maps ``a ← Λ^{-1/2} Uᵀ a`` (directions with
-    ``λ <= M·eps·max λ`` become zero rows). One pass leaves a loss of orthogonality of about
-    ``eps·κ(a)²``; the second pass brings it to rounding level (the idea of CholeskyQR2), and,
-    unlike a Cholesky factor, the eigen-decomposition accepts rank-deficient input. Only
-    matrix products touch the long axis, so on GPUs this costs a few passes over ``a`` where a
-    Householder QR of a tall matrix runs one column at a time. The rows stay row-major (``(M, q)``):
-    both the blocked Gram and the ``(M × M)·(M × q)`` map are fastest that way.
+
+def _orthonormal_rows(xp, a):
+    """Rows ``a₁`` ``(M, q)`` and ``w`` ``(M, M)`` such that ``Q = a₁ᵀ w`` has orthonormal columns
+    spanning the row space of ``a`` (the range of ``aᵀ``), from ``M × M`` Gram matrices.
+
+    The first pass eigen-decomposes ``a aᵀ = U Λ Uᵀ`` and maps ``a₁ = Λ^{-1/2} Uᵀ a`` (directions
+    with ``λ <= M·eps·max λ`` become zero rows); it leaves a loss of orthogonality of about
+    ``eps·κ(a)²``. The second pass (the idea of CholeskyQR2) takes ``w = U₁ Λ₁^{-1/2}`` from
+    ``a₁ a₁ᵀ = U₁ Λ₁ U₁ᵀ``: then ``QᵀQ = I`` to rounding, because ``a₁`` is well conditioned. It is
+    not applied to the long rows: callers fold ``w`` into their ``M × M`` factors, which saves a
+    pass over ``(M, q)``. Unlike a Cholesky factor, the eigen-decomposition accepts rank-deficient
+    input, and only matrix products touch the long axis (on GPUs a Householder QR of a tall matrix
+    runs one column at a time). The rows stay row-major: the blocked Gram and the
+    ``(M × M)·(M × q)`` map are fastest that way.
     """
-    m = a.shape[0]
-    tiny = m * _eps_floor(xp, a.dtype)
-    for _ in range(passes):
-        lam, u = xp.linalg.eigh(_gram(xp, a))
-        keep = lam > tiny * xp.max(lam)
-        a = (u * xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, lam, 1.0)), 0.0)[None, :]).T @ a
-    return a
+    tiny = a.shape[0] * _eps_floor(xp, a.dtype)
+    a1 = _inverse_root(xp, _gram(xp, a), tiny).T @ a
+    return a1, _inverse_root(xp, _gram(xp, a1), tiny)
 
 
 #: The largest share of the step's norm that excluded (unseen) parameters may take.
@@ -304,14 +310,15 @@ class WhitenedSolver:
     r"""``g ↦ (T̃ᵀT̃ + ε D⁻¹)⁻¹ g`` for any ``ε``, factorised once (:func:`factorize_whitened`).
 
     With ``S = T̃ D^{1/2}`` and ``h = D^{1/2} g``, it holds ``V`` with orthonormal columns, a
-    scale ``τ`` and ``μ`` such that ``SᵀS = τ² V diag(μ) Vᵀ``, and in the dual form the
-    orthonormal ``Q`` spanning the range of ``Sᵀ``: then
-    ``(SᵀS + εI)⁻¹h = τ⁻² V diag(1/(μ + ε/τ²)) Vᵀh [+ ε⁻¹(h − QQᵀh)]``. In the dual form
-    ``V = QU`` is kept as ``Q`` and the ``M × M`` rotation ``U``, never formed: a solve then
-    passes over ``Q`` twice (``y = Qᵀh``, then ``Q [c, y]`` for ``c = U diag(·) Uᵀy`` in one
-    product), however many parameters there are — what a training loop needs between refreshes
-    of ``T̃``, for any ``ε``. ``τ`` (near the largest entry of ``S``) keeps every intermediate in range:
-    the direction is accurate whenever it is representable, whatever the scale of ``T̃``.
+    scale ``τ`` and ``μ`` such that ``SᵀS = τ² V diag(μ) Vᵀ``; in the dual form the ``M``
+    columns of ``V`` span the range of ``Sᵀ``, and
+    ``(SᵀS + εI)⁻¹h = τ⁻² V diag(1/(μ + ε/τ²)) Vᵀh [+ ε⁻¹(h − VVᵀh)]``. In the dual form
+    ``V = span·F`` is kept as ``span`` ``(q, M)``, a basis of that range, and the ``M × M``
+    factor ``F``, never formed: a solve then passes over ``span`` twice (``z = Fᵀ spanᵀh``, then
+    ``span [c, Fz]`` in one product), however many parameters there are — what a training loop
+    needs between refreshes of ``T̃``, for any ``ε``. ``τ`` (near the largest entry of ``S``) keeps
+    every intermediate in range: the direction is accurate whenever it is representable, whatever
+    the scale of ``T̃``.
 
     **Excluded parameters.** Where ``D_jj = 0`` (:func:`damping_from_whitened` gives it to the
     parameters the outputs do not see) the parameter is left out of the solve, then takes the
@@ -324,13 +331,16 @@ class WhitenedSolver:
     Attributes
     ----------
     factor : array, shape (q, q) or (M, M)
-        ``V`` in the primal form; ``U`` in the dual form (``V = QU``).
+        ``V`` in the primal form; ``F`` in the dual form (``V = span·F``).
     values : array, shape (k,)
         ``μ >= 0``, the eigenvalues of ``SᵀS / τ²``.
     root : array, shape (q,) or None
         ``D^{1/2}`` (zero on excluded parameters); ``None`` for ``D = I``.
     span : array, shape (q, M) or None
-        ``Q`` in the dual form; ``None`` in the primal form, where ``V`` spans ``R^q``.
+        In the dual form, columns spanning the range of ``Sᵀ``: orthonormal ``Q`` from a
+        Householder QR (``form="dual-qr"``, ``F`` then a rotation), or, from the Gram passes, the
+        first pass's nearly orthonormal basis (the transposed view of row-major ``(M, q)`` rows),
+        whose second pass lives in ``F``. ``None`` in the primal form, where ``V`` spans ``R^q``.
     excluded : array of bool, shape (q,), or None
         Where ``D_jj = 0``; ``None`` when no parameter is excluded (the rule is then skipped).
     scale : float
@@ -348,7 +358,7 @@ class WhitenedSolver:
     @property
     def vectors(self):
         """``V`` ``(q, k)``, orthonormal columns (``k = q`` primal, ``k = M`` dual: formed here as
-        ``QU``, a pass over ``Q`` that the solve itself never makes)."""
+        ``span·F``, a pass over ``span`` that the solve itself never makes)."""
         return self.factor if self.span is None else self.span @ self.factor
 
     @property
@@ -398,16 +408,15 @@ class WhitenedSolver:
             tau = self.scale
             # in units of τ²: eps/τ² and μ are moderate whatever the scale of T̃; dividing by τ twice
             # passes through magnitudes between x and w, so nothing overflows that w would not
-            v, span = self.factor, self.span
-            # Qᵀ (M, q): row-major in the Gram dual form, where the blocked products are fast
-            qt = None if span is None else span.T
-            y = h if span is None else _gram(xp, qt, h[None, :])[:, 0]  # (q,) primal, Qᵀh (M,) dual
-            c = v @ ((v.T @ y) / (self.values + eps / tau / tau))
+            f, span = self.factor, self.span
+            # z = Vᵀh: V itself (primal), or spanᵀh through the M × M factor (dual: V = span·F)
+            z = f.T @ (h if span is None else _gram(xp, span.T, h[None, :])[:, 0])
+            c = f @ (z / (self.values + eps / tau / tau))
             c = c / tau / tau if tau != 1 else c
             if span is None:
                 x = c
-            else:  # Q c and Q y in one pass over Q; h − Qy is the cancellation, then divided by ε
-                both = xp.stack([c, y], axis=0) @ qt
+            else:  # span·c and span·Fz (= VVᵀh) in one pass; h − VVᵀh is the cancellation, then / ε
+                both = xp.stack([c, f @ z], axis=0) @ span.T  # spanᵀ row-major in the Gram form
                 x = both[0, :] + (h - both[1, :]) / eps
             if self.root is not None:
                 x = self.root * x
@@ -445,7 +454,8 @@ def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> Whitened
         ``"primal"`` eigen-decomposes the ``q × q`` matrix ``SᵀS``. The dual forms take ``Q``
         ``(q, M)`` orthonormal, spanning the range of ``Sᵀ``, and eigen-decompose the ``M × M``
         matrix ``QᵀSᵀSQ``: ``"dual"`` builds ``Q`` from two passes of ``M × M`` Gram
-        eigen-decompositions (matrix products only: fast on GPUs), ``"dual-qr"`` from a
+        eigen-decompositions (matrix products only: fast on GPUs; the second pass is kept as an
+        ``M × M`` factor, see :class:`WhitenedSolver`), ``"dual-qr"`` from a
         Householder QR (the most accurate on strongly graded ``T̃``, but slow for tall matrices
         on GPUs). ``"auto"`` picks ``"primal"`` when ``q <= M``, else ``"dual"``.
         ``docs/accuracy.md`` measures all of them. ``S`` is divided by its largest entry first
@@ -499,10 +509,15 @@ def _factorize(xp, t_white, damping, form: str) -> WhitenedSolver:
         mu, factor = xp.linalg.eigh(s.T @ s)  # V
         span = None
     else:
-        # Q (q, M); in the Gram form the transposed view of row-major Qᵀ (M, q)
-        span = xp.linalg.qr(s.T)[0] if form == "dual-qr" else _orthonormal_rows(xp, s).T
-        b = _gram(xp, s, span.T)  # (M, M): SQ, so QᵀSᵀSQ = bᵀb
-        mu, factor = xp.linalg.eigh(b.T @ b)  # U: V = QU is never formed
+        if form == "dual-qr":
+            span, w = xp.linalg.qr(s.T)[0], None  # Q (q, M)
+        else:  # Q = span·w, span the transposed view of row-major rows (M, q)
+            rows, w = _orthonormal_rows(xp, s)
+            span = rows.T
+        b = _gram(xp, s, span.T)  # (M, M): S·span, then SQ = b w, and QᵀSᵀSQ = bᵀb
+        b = b if w is None else b @ w
+        mu, u = xp.linalg.eigh(b.T @ b)
+        factor = u if w is None else w @ u  # F: V = span·F = QU is never formed
     return WhitenedSolver(factor, xp.where(mu > 0, mu, 0.0), root, span, excluded, tau)
 
 
