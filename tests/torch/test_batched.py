@@ -124,3 +124,65 @@ def test_the_dense_jacobian_reference_matches_finite_differences(name):
     assert fd.shape == jac.shape
     assert rel_err(to_np(jac), to_np(fd)) < 1e-7
     np.testing.assert_allclose(to_np(samples), to_np(flat_outputs(model(x))), rtol=1e-14)
+
+
+def _conv_bn_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+
+
+def test_batched_backward_runs_each_layer_once_for_all_rows():
+    """functorch's batching rules: each convolution's and BatchNorm's backward is one call for the 6
+    rows (the older ``is_grads_batched`` ran them once per row: 7 calls each), with the rows equal
+    to the loop of backward passes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from wngkernels.torch._batched import batched_vjp
+
+    model = _conv_bn_net().double()
+    params = list(model.parameters())
+    out = model(torch.randn(4, 3, 8, 8, dtype=torch.float64))
+    layers = ("aten::convolution_backward", "aten::native_batch_norm_backward")
+
+    def calls(rows, mode):
+        pieces = [torch.randn(rows, *out.shape, dtype=torch.float64)]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            grads, used = batched_vjp(out, pieces, params, vjp_mode=mode)
+        counted = {e.key: e.count for e in prof.key_averages()}
+        return [counted[k] for k in layers], used, grads, pieces
+
+    few, mode, _, _ = calls(6, "auto")
+    many, _, fast, pieces = calls(12, "auto")
+    older, _, _, _ = calls(6, "legacy")
+    assert mode == "vmap"
+    assert few == many  # as many calls for 12 rows as for 6: one batched call per layer
+    assert all(n <= 6 for n in few) and all(n >= 2 * 6 for n in older)  # two layers each
+    slow, _ = batched_vjp(out, pieces, params, vjp_mode="loop")
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-12, atol=1e-14)
+    again, mode = batched_vjp(out, pieces, params, vjp_mode=mode)  # a settled mode is accepted
+    assert mode == "vmap" and all(torch.equal(a, b) for a, b in zip(fast, again, strict=True))
+
+
+def test_mixed_precision_batchnorm_takes_the_older_batched_backward():
+    """Under bfloat16 autocast BatchNorm mixes bfloat16 inputs with float32 weights, which
+    functorch's rule refuses: the older batched backward computes the rows, without a warning,
+    equal to the loop of backward passes."""
+    import warnings
+
+    from wngkernels.torch._batched import batched_vjp
+
+    model = _conv_bn_net()
+    params = list(model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 3, 8, 8))
+    pieces = [torch.randn(3, *out.shape, dtype=out.dtype)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast, mode = batched_vjp(out, pieces, params, vjp_mode="auto")
+    assert mode == "legacy"
+    slow, _ = batched_vjp(out, pieces, params, vjp_mode="loop")
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3 * float(b.abs().max()))

@@ -376,9 +376,13 @@ def test_split_form_equals_precondition():
         b.capture(out2, loss2)
         loss2.backward()
         assert b.step()
-        # one batched backward against two passes: equal up to the order of float64 sums
-        torch.testing.assert_close(_grads(model.parameters()), _grads(model2.parameters()),
-                                   rtol=1e-12, atol=1e-15)
+        # one batched backward against two passes: equal up to the order of float64 sums, except the
+        # bias before BatchNorm, whose gradient is zero analytically: there both hold rounding noise
+        # (times the damping's gain), far below the direction
+        w1, w2 = _grads(model.parameters()), _grads(model2.parameters())
+        noise = torch.cat([torch.full((p.numel(),), n == "0.bias") for n, p in model.named_parameters()])
+        torch.testing.assert_close(w1[~noise], w2[~noise], rtol=1e-12, atol=1e-15)
+        assert max(float(w1[noise].abs().max()), float(w2[noise].abs().max())) < 1e-8 * float(w1.abs().max())
 
 
 def test_param_groups_and_shared_parameters():

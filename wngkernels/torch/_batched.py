@@ -4,8 +4,8 @@ The mathematics page ("The kernelized estimator") defines ``T``.
 
 Row ``m`` of :math:`T` is the VJP of :math:`\theta \mapsto (h_\theta(Z_n))_n` with the cotangent
 ``A[m] = N⁻¹ ∂_{x_{i_m}} ∂_y k(Y_m, X_n)`` (:func:`wngkernels.cotangents`). All ``M`` rows come
-from **one** batched backward (``torch.autograd.grad(..., is_grads_batched=True)``, a ``vmap``
-over the backward graph), not ``M`` passes. Nothing here knows about layers: BatchNorm,
+from **one** batched backward (``torch.autograd.grad`` under ``torch.func.vmap``: a ``vmap`` over
+the backward graph), not ``M`` passes. Nothing here knows about layers: BatchNorm,
 attention, embeddings and shared parameters work because autograd does.
 """
 
@@ -129,15 +129,17 @@ def grad_only_through(loss: torch.Tensor, outputs, params: Sequence[torch.Tensor
 def batched_vjp(outputs, pieces: list[torch.Tensor], params: Sequence[torch.Tensor], *,
                 vjp_mode: str = "auto", retain_graph: bool = True) -> tuple[list[torch.Tensor | None], str]:
     """Per-parameter gradients ``(R, *p.shape)`` (``None`` if unreached) of ``R`` cotangent rows,
-    and the mode that computed them (``"batched"`` or ``"loop"``).
+    and the backward that computed them (``"vmap"``, ``"legacy"`` or ``"loop"``; passing it back as
+    ``vjp_mode`` skips the forms that failed).
 
-    ``pieces`` holds one ``(R, *o.shape)`` cotangent per output. One batched backward
-    (``is_grads_batched``) or, in ``"loop"`` mode or where an operation has no batching rule
+    ``pieces`` holds one ``(R, *o.shape)`` cotangent per output. One batched backward —
+    ``torch.func.vmap`` over ``autograd.grad``, or where that cannot run (mixed-precision BatchNorm
+    under autocast) the older ``is_grads_batched`` — or, in ``"loop"`` mode or where neither runs
     (``"auto"``, with a warning; e.g. a ``torch.compile``-d model), ``R`` backward passes.
     ``retain_graph=False`` frees the graph after the last pass (in ``"auto"`` mode only once the
     batched pass has succeeded: a failed one must leave the graph to the loop).
     """
-    if vjp_mode not in _MODES:
+    if vjp_mode not in _MODES and vjp_mode not in _BATCHED:  # (a settled "auto" passes what it used)
         raise ValueError(f"vjp_mode must be one of {_MODES}; got {vjp_mode!r}")
     outs = _as_output_list(outputs)
     params = list(params)
@@ -153,22 +155,58 @@ def batched_vjp(outputs, pieces: list[torch.Tensor], params: Sequence[torch.Tens
         raise
 
 
+def _vmapped_grads(outs, pieces, params, retain: bool) -> list[torch.Tensor | None]:
+    """``torch.autograd.grad`` under ``torch.func.vmap`` over the rows of ``pieces``: one backward.
+
+    functorch's batching rules fold the rows into each layer's work (a convolution's input gradient
+    into its batch, its weight gradient into its output channels, BatchNorm's backward into one
+    call), where ``is_grads_batched`` (the older ``vmap``) runs most layers' backward once per row.
+    Operations without a rule still run, row by row (functorch's fallback, whose performance
+    warning is silenced here); an operation that cannot run under ``vmap`` raises.
+    """
+    reached: list[bool] = []
+
+    def one(*rows):
+        grads = torch.autograd.grad(outs, params, grad_outputs=list(rows), allow_unused=True,
+                                    retain_graph=retain)
+        reached[:] = [g is not None for g in grads]
+        return tuple(g for g in grads if g is not None)  # vmap returns tensors only
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        got = iter(torch.func.vmap(one)(*pieces))
+    return [next(got) if r else None for r in reached]
+
+
+def _legacy_grads(outs, pieces, params, retain: bool) -> list[torch.Tensor | None]:
+    """The older ``vmap`` (``is_grads_batched``): runs where functorch's rules do not (mixed
+    precision BatchNorm under autocast), most layers' backward once per row."""
+    return list(torch.autograd.grad(outs, params, grad_outputs=pieces, allow_unused=True,
+                                     retain_graph=retain, is_grads_batched=True))
+
+
+#: The batched backwards, in the order they are tried; "auto" and "batched" try both.
+_BATCHED = {"vmap": _vmapped_grads, "legacy": _legacy_grads}
+
+
 def _batched_vjp(outs, pieces, params, mode, retain_graph):
-    if mode in ("auto", "batched"):
+    tries = tuple(_BATCHED) if mode in ("auto", "batched") else (mode,) if mode in _BATCHED else ()
+    failure = None
+    for i, kind in enumerate(tries):
+        last = i == len(tries) - 1 and mode != "auto"  # nothing follows a failure of this one
         try:
-            retain = retain_graph or mode == "auto"  # the loop needs the graph should this fail midway
-            grads = torch.autograd.grad(outs, params, grad_outputs=pieces, allow_unused=True,
-                                        retain_graph=retain, is_grads_batched=True)
-            return list(grads), "batched"
+            # a pass that another may follow keeps the graph, should it fail midway
+            return _BATCHED[kind](outs, pieces, params, retain_graph or not last), kind
         except RuntimeError as exc:
-            if mode == "batched" or "donated buffer" in str(exc):
+            if last or "donated buffer" in str(exc):
                 raise
-            # the default warnings filter shows this once per call site
-            warnings.warn(
-                "wngkernels: the batched backward (is_grads_batched) failed on this graph "
-                f"({str(exc).splitlines()[0][:200]}); computing the rows with separate backward passes",
-                UserWarning, stacklevel=4,
-            )
+            failure = exc
+    if failure is not None:  # "auto", and no batched backward ran: the default filter warns once per site
+        warnings.warn(
+            "wngkernels: the batched backward failed on this graph "
+            f"({str(failure).splitlines()[0][:200]}); computing the rows with separate backward passes",
+            UserWarning, stacklevel=4,
+        )
     r = pieces[0].shape[0]
     per_row = [torch.autograd.grad(outs, params, grad_outputs=[p[k] for p in pieces], allow_unused=True,
                                    retain_graph=retain_graph or k < r - 1) for k in range(r)]
@@ -194,10 +232,10 @@ def jacobian_vjp_rows(outputs, cotangents: torch.Tensor, params: Sequence[torch.
         The ``θ`` blocks, flattened and concatenated in this order (``q = Σ numel``). A
         parameter the outputs do not reach gets zero columns.
     vjp_mode : {"auto", "batched", "loop"}
-        ``"batched"``: one ``vmap``-ed backward (``is_grads_batched=True``); ``"loop"``: ``M``
+        ``"batched"``: one ``vmap``-ed backward (``torch.func.vmap``); ``"loop"``: ``M``
         backward passes with ``retain_graph`` (the authors' way; the reference for tests);
         ``"auto"``: batched, falling back to the loop (with one warning) where an operation
-        has no batching rule (e.g. some compiled graphs).
+        cannot run under ``vmap`` (e.g. some compiled graphs).
     dtype : torch.dtype, optional
         Dtype of the result; default the parameters' common dtype.
 
