@@ -22,18 +22,19 @@ import torch
 from wngkernels import damping_from_whitened, factorize_whitened, whiten
 
 
-def _median_ms(fn, device, repeat: int) -> float:
-    for _ in range(2):
-        fn()
+def median_ms(fn, device, repeat: int, warmup: int = 2) -> float:
+    """Median wall time (ms) of ``repeat`` calls of ``fn`` after ``warmup`` untimed ones, each timed
+    call GPU-synchronised before and after on a CUDA ``device`` (also ``torch_step.py``'s timer)."""
     times = []
-    for _ in range(repeat):
+    for i in range(warmup + repeat):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
 
@@ -51,11 +52,11 @@ def stage_ms(m: int, q: int, device, repeat: int) -> dict[str, float]:
         tw = whiten(cc, t)
         factorize_whitened(tw, damping=damping_from_whitened(tw)).solve(g, 1e-5, check_finite=False)
 
-    return {"whiten": _median_ms(lambda: whiten(cc, t), device, repeat),
-            "damping": _median_ms(lambda: damping_from_whitened(t_white), device, repeat),
-            "factorize": _median_ms(lambda: factorize_whitened(t_white, damping=damping), device, repeat),
-            "solve": _median_ms(lambda: solver.solve(g, 1e-5, check_finite=False), device, repeat),
-            "refresh total": _median_ms(chain, device, repeat)}
+    return {"whiten": median_ms(lambda: whiten(cc, t), device, repeat),
+            "damping": median_ms(lambda: damping_from_whitened(t_white), device, repeat),
+            "factorize": median_ms(lambda: factorize_whitened(t_white, damping=damping), device, repeat),
+            "solve": median_ms(lambda: solver.solve(g, 1e-5, check_finite=False), device, repeat),
+            "refresh total": median_ms(chain, device, repeat)}
 
 
 def main(argv=None):

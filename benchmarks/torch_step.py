@@ -36,7 +36,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -44,6 +43,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from illcond import AuthorsRecipe, ResNet18  # noqa: E402
+from solve_time import median_ms  # noqa: E402
 
 from wngkernels.torch import KWNG  # noqa: E402
 
@@ -158,21 +158,6 @@ def make_step(kind, m, options, args, device):
     return step
 
 
-def median_step_ms(step, steps: int, warmup: int, device) -> float:
-    """Median wall time of ``steps`` GPU-synchronised steps after ``warmup`` untimed ones."""
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,7 +189,7 @@ def main(argv=None):
     per_round = {n: [] for n in names}
     for _ in range(args.rounds):  # methods interleaved: a drift of the machine touches every method alike
         for n in names:
-            per_round[n].append(median_step_ms(steps[n], args.steps, args.warmup, device))
+            per_round[n].append(median_ms(steps[n], device, args.steps, args.warmup))
     rows = {n: statistics.median(v) for n, v in per_round.items()}
 
     def ratios(n, ref):

@@ -347,7 +347,7 @@ def max_abs(xp, x: Any) -> float:
     """``max |x|`` as a Python float (one reduction, one scalar read); ``0.0`` for an empty array.
 
     NaN anywhere gives NaN, Inf gives Inf: a finiteness check comes with it. For real floating
-    arrays, ``max(max x, −min x)``: two reads of ``x`` and no ``|x|`` written (three times faster
+    arrays, ``max(max x, −min x)``: two reads of ``x`` and no ``|x|`` written (2.5–3 times faster
     on a GPU than ``max(|x|)``).
     """
     if math.prod(x.shape) == 0:

@@ -239,7 +239,7 @@ def _gram(xp, a, b=None):
 
     The long axis is cut into blocks of ``_GRAM_BLOCK``: one batched product gives each block's
     ``(M, P)`` product, and a sum over the blocks adds them. It is the same sum in another order
-    (as accurate: the per-block partial sums are shorter), but a plain product of such skinny
+    (partial sums of ``_GRAM_BLOCK`` terms, then a sum over the blocks), but a plain product of such skinny
     matrices runs far below the memory bandwidth on GPUs (an ``(5, 1.1·10⁷)`` float32 Gram: 0.86 ms
     plain, 0.17 ms blocked, where one read of ``a`` takes 0.05 ms; ``docs/benchmarks.md``). The blocks
     are views: nothing is copied when ``a`` and ``b`` are row-major.
