@@ -25,7 +25,6 @@ Reports the mean and smallest cosine per option and checkpoint, and the mean rat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from illcond import ResNet18, digits_32, seeded  # noqa: E402
+from illcond import ResNet18, digits_32, seeded, t_outputs  # noqa: E402
 
 from wngkernels import nystrom_basis  # noqa: E402
 from wngkernels.torch import KWNG  # noqa: E402
@@ -51,7 +50,7 @@ OPTIONS = {
 }
 
 
-def direction(model, params, x, y, option, basis, eps: float, num_basis: int, device) -> torch.Tensor:
+def direction(model, params, x, y, option, basis, eps: float, num_basis: int) -> torch.Tensor:
     """The direction one split-form step writes to ``.grad`` (flattened, float64)."""
     take, cast, _ = option
     kwng = KWNG(params, num_basis=num_basis, eps=eps, adaptive_eps=False, clip_norm=None)
@@ -59,10 +58,7 @@ def direction(model, params, x, y, option, basis, eps: float, num_basis: int, de
         p.grad = None
     out = model(x)
     loss = F.cross_entropy(out, y)
-    out_t = out
-    if take is not None:
-        with torch.autocast(device.type, dtype=cast) if cast else contextlib.nullcontext():
-            out_t = model(x[:take] if take else x)
+    out_t = out if take is None else t_outputs(model, x, take or None, cast)
     kwng.capture(out_t, loss, basis=basis)
     loss.backward()
     kwng.step()
@@ -72,7 +68,7 @@ def direction(model, params, x, y, option, basis, eps: float, num_basis: int, de
     return w
 
 
-def measure(model, params, batches, eps: float, num_basis: int, rng, device) -> dict[str, list]:
+def measure(model, params, batches, eps: float, num_basis: int, rng) -> dict[str, list]:
     """Cosines to ``exact`` and norm ratios per option over ``batches``; BatchNorm buffers restored."""
     buffers = [b for b in model.buffers()]
     saved = [b.clone() for b in buffers]
@@ -81,11 +77,11 @@ def measure(model, params, batches, eps: float, num_basis: int, rng, device) -> 
         d = model(x[:1]).shape[1]
         basis = nystrom_basis((min(32, len(x)), d), num_basis, rng=rng)
         other = nystrom_basis((len(x), d), num_basis, rng=rng)
-        ref = direction(model, params, x, y, OPTIONS["exact"], basis, eps, num_basis, device)
+        ref = direction(model, params, x, y, OPTIONS["exact"], basis, eps, num_basis)
         for name, option in OPTIONS.items():
             if name == "exact":
                 continue
-            w = direction(model, params, x, y, option, other if option[2] else basis, eps, num_basis, device)
+            w = direction(model, params, x, y, option, other if option[2] else basis, eps, num_basis)
             got[name][0].append(float(w @ ref / (w.norm() * ref.norm())))
             got[name][1].append(float(w.norm() / ref.norm()))
         for b, v in zip(buffers, saved, strict=True):
@@ -123,7 +119,7 @@ def main(argv=None):
     rows = []
 
     def record(epoch):
-        got = measure(model, params, probe, kwng.current_eps(), args.num_basis, rng, device)
+        got = measure(model, params, probe, kwng.current_eps(), args.num_basis, rng)
         eps = kwng.current_eps()
         for name, (cos, ratio) in got.items():
             rows.append((epoch, eps, name, statistics.mean(cos), min(cos), statistics.mean(ratio)))

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -180,6 +181,14 @@ def train_step(model, opt, kwng, x, y) -> None:
     else:
         kwng.precondition(out, loss)
     opt.step()
+
+
+def t_outputs(model, x, take: int | None = None, cast: torch.dtype | None = None):
+    """The outputs ``T`` is taken from when it has its own forward: of the first ``take`` samples
+    (all with ``None``), under autocast to ``cast`` where one is given (``T``'s backward then runs
+    in that dtype)."""
+    with torch.autocast(x.device.type, dtype=cast) if cast else contextlib.nullcontext():
+        return model(x[:take])
 
 
 def seeded(seed: int):

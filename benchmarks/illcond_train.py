@@ -34,7 +34,6 @@ epoch), ``illcond_train.md`` and ``illcond_train.png`` (test accuracy against tr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import math
 import os
@@ -47,7 +46,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from illcond import AuthorsRecipe, ResNet18, digits_32, seeded  # noqa: E402
+from illcond import AuthorsRecipe, ResNet18, digits_32, seeded, t_outputs  # noqa: E402
 
 from wngkernels.torch import KWNG  # noqa: E402
 
@@ -149,10 +148,7 @@ def train(name: str, seed: int, args, data, device):
         for b in range(0, len(x_tr), args.batch):
             idx = perm[b:b + args.batch]
             opt.zero_grad()
-            out_t = None
-            if t_batch or t_cast:
-                with torch.autocast(device.type, dtype=t_cast) if t_cast else contextlib.nullcontext():
-                    out_t = model(x_tr[idx[:t_batch]])
+            out_t = t_outputs(model, x_tr[idx], t_batch, t_cast) if t_batch or t_cast else None
             out = model(x_tr[idx])
             loss = F.cross_entropy(out, y_tr[idx])
             if out_t is not None:

@@ -31,7 +31,6 @@ of the last 8 positions). ``--compile`` wraps the model in ``torch.compile`` (de
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -42,7 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from illcond import AuthorsRecipe, ResNet18  # noqa: E402
+from illcond import AuthorsRecipe, ResNet18, t_outputs  # noqa: E402
 from solve_time import median_ms  # noqa: E402
 
 from wngkernels.torch import KWNG  # noqa: E402
@@ -144,11 +143,7 @@ def make_step(kind, m, options, args, device):
         elif kind == "authors":
             authors.step(out, loss, lr=1e-3)
         elif kind in ("split", "sub"):
-            out_t = out
-            if kind == "sub":
-                with torch.autocast(device.type, dtype=t_cast) if t_cast else contextlib.nullcontext():
-                    out_t = model(x[:t_batch])
-            kwng.capture(out_t, loss)
+            kwng.capture(t_outputs(model, x, t_batch, t_cast) if kind == "sub" else out, loss)
             loss.backward()
             kwng.step()
         else:

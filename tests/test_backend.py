@@ -81,3 +81,22 @@ def test_mixed_devices_raise_value_error_naming_arguments():
         wk.kwng_direction(xs.asarray([1.0, 2.0], device=other), x, kernel=wk.Gaussian(1.0),
                           basis=wk.NystromBasis([0], [1]), eps=1e-3,
                           jacobian=xs.asarray([[[1.0, 0.0]] * 2] * 2, device=cpu))
+
+
+def test_max_abs_over_several_arrays_in_one_read(backend):
+    """The largest |entry| of all arrays (a negative one included), 0 for empty ones, NaN and Inf
+    propagated: the finiteness check the callers rely on; integers take the |x| path."""
+    xp = backend.xp
+    a, b = backend.asarray([[1.0, -7.5], [2.0, 3.0]]), backend.asarray([[0.5], [-0.25]])
+    empty = backend.asarray(np.zeros((0, 3)))
+    assert _backend.max_abs(xp, a, b) == 7.5 and _backend.max_abs(xp, b) == 0.5
+    assert _backend.max_abs(xp, b, empty) == 0.5 and _backend.max_abs(xp, empty) == 0.0
+    assert np.isnan(_backend.max_abs(xp, a, backend.asarray([[np.nan]])))
+    assert _backend.max_abs(xp, backend.asarray([[-np.inf]]), b) == np.inf
+    assert _backend.max_abs(xp, xp.asarray([-9, 4])) == 9
+
+
+@pytest.mark.parametrize("value", [1.0, 3.0, 0.75, 1e-300, 5e300])
+def test_pow2_below_brackets_the_value(value):
+    c = _backend.pow2_below(value)
+    assert c <= value < 2 * c and np.log2(c) == int(np.log2(c))

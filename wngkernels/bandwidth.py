@@ -32,11 +32,11 @@ def _normalised(y, x):
     work = _backend.work_dtype(xp, x.dtype)
     if work != x.dtype:
         y, x = xp.astype(y, work), xp.astype(x, work)
-    big = float(xp.max(xp.stack([xp.max(xp.abs(y)), xp.max(xp.abs(x))])))
+    big = _backend.max_abs(xp, y, x)
     if not math.isfinite(big):
         _backend.require_finite(xp, y, "y")
         _backend.require_finite(xp, x, "x")
-    c = math.ldexp(1.0, math.frexp(big)[1] - 1) if big > 0 else 1.0  # c <= big < 2c
+    c = _backend.pow2_below(big) if big > 0 else 1.0
     return xp, y / c, x / c, c
 
 

@@ -64,7 +64,6 @@ from .solve import (
     DAMPING_FLOOR,
     _cast_back,
     _damping_from_whitened,
-    _pow2,
     _solve_whitened,
     _whiten,
 )
@@ -176,7 +175,7 @@ def _in_bandwidth_units(xp, x, ell: float):
     big = _backend.max_abs(xp, x)
     if big == 0:
         return x
-    c0 = _pow2(big)
+    c0 = _backend.pow2_below(big)
     dev = x - xp.mean(x / c0, axis=0) * c0
     c, spread = _unit_factors(xp, _backend.max_abs(xp, dev), ell, x.dtype)
     return dev if c == 1 and spread == 1 else (dev / c) * spread  # (1, 1): nothing to scale
@@ -191,7 +190,7 @@ def _unit_factors(xp, top: float, ell: float, dtype) -> tuple[float, float]:
         return 1.0, 1.0
     if not math.isfinite(top):
         raise ValueError(f"samples are too large for {dtype}: their deviations from the mean overflow")
-    c = _pow2(top)
+    c = _backend.pow2_below(top)
     spread = c / ell
     limit = float(xp.finfo(dtype).max) / 4
     if not spread < limit:

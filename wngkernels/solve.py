@@ -42,11 +42,6 @@ def _eps_floor(xp, dtype) -> float:
     return float(xp.finfo(dtype).eps)
 
 
-def _pow2(value: float) -> float:
-    """A power of two ``c`` with ``c <= value < 2c`` (``value > 0`` finite): exact to divide by."""
-    return math.ldexp(1.0, math.frexp(value)[1] - 1)
-
-
 def _cast_back(xp, a, dtype, name: str):
     """``a`` in ``dtype``; a ``ValueError`` naming ``name`` if the cast overflows (half precision)."""
     if a.dtype == dtype:
@@ -163,7 +158,7 @@ def _whiten(xp, cc, t, k, lam: float, rcond: float | None, scale: float):
     top = max(c_cc, c_lk)
     if top == 0:  # no information at all: every direction is cut
         return xp.zeros((m, t.shape[1]), dtype=out, device=_backend.device(t))
-    c = _pow2(top)
+    c = _backend.pow2_below(top)
     a = cc / c
     if c_lk > 0:
         a = a + (k / c_k) * (c_lk / c)  # both factors <= 2: no overflow whatever lam and the scales
@@ -500,7 +495,7 @@ def _factorize(xp, t_white, damping, form: str) -> WhitenedSolver:
         col_max = xp.maximum(xp.max(t_white, axis=0), -xp.min(t_white, axis=0))  # NaN stays NaN
         tau = float(xp.max(col_max * root))
     if 0 < tau < math.inf:  # non-finite S (see the module notes) is left to the decomposition
-        tau = _pow2(tau)
+        tau = _backend.pow2_below(tau)
         s = t_white / tau if root is None else t_white * (root / tau)[None, :]
     else:
         tau = 1.0

@@ -130,11 +130,11 @@ def test_cheap_t_measures_against_a_reproducible_exact_direction():
 
     basis = nystrom_basis((32, 10), 5, rng=0)
     before = [b.clone() for b in model.buffers()]
-    got = cheap_t.measure(model, params, [(x, y)], 1e-4, 5, np.random.default_rng(0), torch.device("cpu"))
+    got = cheap_t.measure(model, params, [(x, y)], 1e-4, 5, np.random.default_rng(0))
     for b, v in zip(model.buffers(), before, strict=True):
         assert torch.equal(b, v)
-    w1 = cheap_t.direction(model, params, x, y, cheap_t.OPTIONS["exact"], basis, 1e-4, 5, torch.device("cpu"))
-    w2 = cheap_t.direction(model, params, x, y, cheap_t.OPTIONS["exact"], basis, 1e-4, 5, torch.device("cpu"))
+    w1 = cheap_t.direction(model, params, x, y, cheap_t.OPTIONS["exact"], basis, 1e-4, 5)
+    w2 = cheap_t.direction(model, params, x, y, cheap_t.OPTIONS["exact"], basis, 1e-4, 5)
     assert float(w1 @ w2 / (w1.norm() * w2.norm())) == pytest.approx(1.0, abs=1e-6)
     assert set(got) == set(cheap_t.OPTIONS) - {"exact"}
     assert all(-1 - 1e-9 <= c <= 1 + 1e-9 for cos, _ in got.values() for c in cos)

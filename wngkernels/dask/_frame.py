@@ -27,7 +27,6 @@ from ..bandwidth import AuthorsRule, MedianHeuristic
 from ..estimator import EXPANSION_RADIUS, _check_kernel_basis, _Context, _unit_factors
 from ..kernels import Kernel, coordinate_onehot
 from ..nystrom import NystromBasis
-from ..solve import _pow2
 from ._inputs import XP, Inputs
 
 #: Partial results merged per node of the reduction trees.
@@ -62,7 +61,7 @@ def _block_stats(x, work) -> _Stats:
     if x.shape[0] == 0:  # an empty chunk: nothing to merge
         return _Stats(0, True)
     big = float(np.max(np.abs(x)))
-    scale = _pow2(big) if big > 0 else 1.0
+    scale = _backend.pow2_below(big) if big > 0 else 1.0
     xs = x.astype(np.float64) / scale
     mean = np.mean(xs, axis=0)
     r = xs - mean
