@@ -133,32 +133,38 @@ def _conv_bn_net():
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
 
 
-def test_batched_backward_runs_each_layer_once_for_all_rows():
-    """functorch's batching rules: each convolution's and BatchNorm's backward is one call for the 6
-    rows (the older ``is_grads_batched`` ran them once per row: 7 calls each), with the rows equal
-    to the loop of backward passes."""
+def _backward_calls(out, params, rows, run):
+    """Calls of the convolution and BatchNorm backward operators while ``run(pieces)`` runs."""
     from torch.profiler import ProfilerActivity, profile
 
+    pieces = [torch.randn(rows, *out.shape, dtype=out.dtype)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = run(pieces)
+    counted = {e.key: e.count for e in prof.key_averages()}
+    layers = ("aten::convolution_backward", "aten::native_batch_norm_backward")
+    return [counted.get(k, 0) for k in layers], got, pieces
+
+
+def test_batched_backward_runs_convolutions_once_and_batchnorm_once_per_row():
+    """functorch's batching rules: each convolution's backward is one call whatever the number of
+    rows (the older ``is_grads_batched`` ran it once per row: 7 calls for 6 rows); BatchNorm's
+    backward runs its fused kernel once per row (``_rowwise``); the rows equal the loop of
+    backward passes."""
     from wngkernels.torch._batched import batched_vjp
 
-    model = _conv_bn_net().double()
+    model = _conv_bn_net().double()  # two convolutions, two BatchNorms
     params = list(model.parameters())
     out = model(torch.randn(4, 3, 8, 8, dtype=torch.float64))
-    layers = ("aten::convolution_backward", "aten::native_batch_norm_backward")
 
-    def calls(rows, mode):
-        pieces = [torch.randn(rows, *out.shape, dtype=torch.float64)]
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            grads, used = batched_vjp(out, pieces, params, vjp_mode=mode)
-        counted = {e.key: e.count for e in prof.key_averages()}
-        return [counted[k] for k in layers], used, grads, pieces
+    def run(mode):
+        return lambda pieces: batched_vjp(out, pieces, params, vjp_mode=mode)
 
-    few, mode, _, _ = calls(6, "auto")
-    many, _, fast, pieces = calls(12, "auto")
-    older, _, _, _ = calls(6, "legacy")
+    (conv6, bn6), (_, mode), _ = _backward_calls(out, params, 6, run("auto"))
+    (conv12, bn12), (fast, _), pieces = _backward_calls(out, params, 12, run("auto"))
+    (conv_old, _), _, _ = _backward_calls(out, params, 6, run("legacy"))
     assert mode == "vmap"
-    assert few == many  # as many calls for 12 rows as for 6: one batched call per layer
-    assert all(n <= 6 for n in few) and all(n >= 2 * 6 for n in older)  # two layers each
+    assert conv6 == conv12 <= 6 and conv_old >= 2 * 6  # one batched call per layer, against one per row
+    assert (bn6, bn12) == (2 * (6 + 1), 2 * (12 + 1))  # per layer: the batched call, then one per row
     slow, _ = batched_vjp(out, pieces, params, vjp_mode="loop")
     for a, b in zip(fast, slow, strict=True):
         np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-12, atol=1e-14)
@@ -166,10 +172,36 @@ def test_batched_backward_runs_each_layer_once_for_all_rows():
     assert mode == "vmap" and all(torch.equal(a, b) for a, b in zip(fast, again, strict=True))
 
 
-def test_mixed_precision_batchnorm_takes_the_older_batched_backward():
+def test_the_rowwise_batchnorm_rule_is_scoped_to_its_block():
+    """Inside ``rowwise_batch_norm`` a user's own ``vmap`` over a backward runs BatchNorm once per
+    row; outside (before and after, and after an exception inside) functorch's rule runs (one
+    batched call per layer); the rows agree."""
+    from wngkernels.torch._rowwise import rowwise_batch_norm
+
+    model = _conv_bn_net().double()
+    params = list(model.parameters())
+    out = model(torch.randn(4, 3, 8, 8, dtype=torch.float64))
+
+    def vmapped(pieces):
+        return torch.func.vmap(lambda c: torch.autograd.grad(out, params, c, retain_graph=True))(pieces[0])
+
+    (_, before), ref, pieces = _backward_calls(out, params, 5, vmapped)
+    with rowwise_batch_norm():
+        (_, inside), got, _ = _backward_calls(out, params, 5, lambda _: vmapped(pieces))
+    with pytest.raises(KeyError), rowwise_batch_norm():
+        raise KeyError("leaves the block")
+    (_, after), _, _ = _backward_calls(out, params, 5, vmapped)
+    # per layer: functorch's rule shows as two calls (the batched one, its inner one); ours as the
+    # batched call and one per row
+    assert (before, inside, after) == (2 * 2, 2 * (5 + 1), 2 * 2)
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-12, atol=1e-14)
+
+
+def test_mixed_precision_batchnorm_runs_under_vmap():
     """Under bfloat16 autocast BatchNorm mixes bfloat16 inputs with float32 weights, which
-    functorch's rule refuses: the older batched backward computes the rows, without a warning,
-    equal to the loop of backward passes."""
+    functorch's own rule refuses; the per-row rule runs it, so the rows come from ``vmap``
+    without a warning, equal to the loop of backward passes."""
     import warnings
 
     from wngkernels.torch._batched import batched_vjp
@@ -182,7 +214,7 @@ def test_mixed_precision_batchnorm_takes_the_older_batched_backward():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fast, mode = batched_vjp(out, pieces, params, vjp_mode="auto")
-    assert mode == "legacy"
+    assert mode == "vmap"
     slow, _ = batched_vjp(out, pieces, params, vjp_mode="loop")
     for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3 * float(b.abs().max()))

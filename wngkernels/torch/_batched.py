@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._rowwise import rowwise_batch_norm
+
 __all__ = ["batched_vjp", "flatten_outputs", "grad_only_through", "jacobian_vjp_rows", "t_matrix_and_grad"]
 
 _MODES = ("auto", "batched", "loop")
@@ -133,8 +135,8 @@ def batched_vjp(outputs, pieces: list[torch.Tensor], params: Sequence[torch.Tens
     ``vjp_mode`` skips the forms that failed).
 
     ``pieces`` holds one ``(R, *o.shape)`` cotangent per output. One batched backward —
-    ``torch.func.vmap`` over ``autograd.grad``, or where that cannot run (mixed-precision BatchNorm
-    under autocast) the older ``is_grads_batched`` — or, in ``"loop"`` mode or where neither runs
+    ``torch.func.vmap`` over ``autograd.grad``, or where that cannot run (an operation functorch
+    refuses) the older ``is_grads_batched`` — or, in ``"loop"`` mode or where neither runs
     (``"auto"``, with a warning; e.g. a ``torch.compile``-d model), ``R`` backward passes.
     ``retain_graph=False`` frees the graph after the last pass (in ``"auto"`` mode only once the
     batched pass has succeeded: a failed one must leave the graph to the loop).
@@ -159,10 +161,12 @@ def _vmapped_grads(outs, pieces, params, retain: bool) -> list[torch.Tensor | No
     """``torch.autograd.grad`` under ``torch.func.vmap`` over the rows of ``pieces``: one backward.
 
     functorch's batching rules fold the rows into each layer's work (a convolution's input gradient
-    into its batch, its weight gradient into its output channels, BatchNorm's backward into one
-    call), where ``is_grads_batched`` (the older ``vmap``) runs most layers' backward once per row.
-    Operations without a rule still run, row by row (functorch's fallback, whose performance
-    warning is silenced here); an operation that cannot run under ``vmap`` raises.
+    into its batch, its weight gradient into its output channels), where ``is_grads_batched`` (the
+    older ``vmap``) runs most layers' backward once per row. BatchNorm's backward runs its fused
+    kernel once per row (:func:`~wngkernels.torch._rowwise.rowwise_batch_norm`: cheaper than
+    functorch's rule for it). Operations without a rule still run, row by row (functorch's
+    fallback, whose performance warning is silenced here); an operation that cannot run under
+    ``vmap`` raises.
     """
     reached: list[bool] = []
 
@@ -172,15 +176,15 @@ def _vmapped_grads(outs, pieces, params, retain: bool) -> list[torch.Tensor | No
         reached[:] = [g is not None for g in grads]
         return tuple(g for g in grads if g is not None)  # vmap returns tensors only
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), rowwise_batch_norm():
         warnings.filterwarnings("ignore", message=".*performance drop.*")
         got = iter(torch.func.vmap(one)(*pieces))
     return [next(got) if r else None for r in reached]
 
 
 def _legacy_grads(outs, pieces, params, retain: bool) -> list[torch.Tensor | None]:
-    """The older ``vmap`` (``is_grads_batched``): runs where functorch's rules do not (mixed
-    precision BatchNorm under autocast), most layers' backward once per row."""
+    """The older ``vmap`` (``is_grads_batched``): runs where functorch's rules refuse an operation,
+    most layers' backward once per row."""
     return list(torch.autograd.grad(outs, params, grad_outputs=pieces, allow_unused=True,
                                      retain_graph=retain, is_grads_batched=True))
 
