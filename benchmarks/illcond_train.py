@@ -279,6 +279,7 @@ def main(argv=None):
     default = "cuda" if torch.cuda.is_available() else "cpu"
     ap.add_argument("--device", default=default, choices=["cuda", "cpu"])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="the first of the seeds run")
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--num-basis", type=int, default=5)
@@ -308,7 +309,7 @@ def main(argv=None):
         for name in {METHODS[n][3]: n for n in reversed(names)}.values():
             train(name, 0, warm, data, device)
     rows = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name in names:
             run = train(name, seed, args, data, device)
             rows += run
