@@ -24,7 +24,7 @@ from wngkernels import damping_from_whitened, factorize_whitened, whiten
 
 def median_ms(fn, device, repeat: int, warmup: int = 2) -> float:
     """Median wall time (ms) of ``repeat`` calls of ``fn`` after ``warmup`` untimed ones, each timed
-    call GPU-synchronised before and after on a CUDA ``device`` (also ``torch_step.py``'s timer)."""
+    call GPU-synchronised before and after on a CUDA ``device``."""
     times = []
     for i in range(warmup + repeat):
         if device.type == "cuda":
@@ -36,6 +36,23 @@ def median_ms(fn, device, repeat: int, warmup: int = 2) -> float:
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def mean_ms(fn, device, repeat: int, warmup: int = 2) -> float:
+    """Mean wall time (ms) per call of ``repeat`` consecutive calls of ``fn``, timed as one block
+    (GPU-synchronised at its two ends only) after ``warmup`` untimed calls: the amortised cost of
+    a training step, a periodic refresh included (``torch_step.py``'s timer; a median of single
+    calls would report only the steps between refreshes)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1e3 * (time.perf_counter() - start) / repeat
 
 
 def stage_ms(m: int, q: int, device, repeat: int) -> dict[str, float]:

@@ -1,7 +1,9 @@
 """Step time of KWNG against plain SGD and the authors' recipe, in the same run on the same device.
 
 One step = forward, backward (and the preconditioner), ``SGD.step``, on a fixed random batch;
-the median over ``--steps`` timed steps after ``--warmup``, GPU-synchronised. With ``--rounds k``
+the mean per step of ``--steps`` consecutive steps timed as one block after ``--warmup``,
+GPU-synchronised at the block's ends: the amortised cost, so ``refresh_every=10`` pays its
+refreshes (keep ``--steps`` a multiple of 10 for it). With ``--rounds k``
 the methods are timed in ``k`` interleaved rounds (every method once per round) and each ratio is
 taken within a round, so a drift of the machine's speed touches both sides of it. Methods:
 
@@ -42,7 +44,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from illcond import AuthorsRecipe, ResNet18, t_outputs  # noqa: E402
-from solve_time import median_ms  # noqa: E402
+from solve_time import mean_ms  # noqa: E402
 
 from wngkernels.torch import KWNG  # noqa: E402
 
@@ -158,7 +160,7 @@ def main(argv=None):
     default = "cuda" if torch.cuda.is_available() else "cpu"
     ap.add_argument("--device", default=default, choices=["cuda", "cpu"])
     ap.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50", "vit", "lm"])
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per method (median reported)")
+    ap.add_argument("--steps", type=int, default=30, help="consecutive timed steps per round (mean reported)")
     ap.add_argument("--warmup", type=int, default=8, help="untimed steps before each round's timed ones")
     ap.add_argument("--rounds", type=int, default=1,
                     help="rounds over all methods, interleaved; the ratios are taken within each round")
@@ -184,7 +186,7 @@ def main(argv=None):
     per_round = {n: [] for n in names}
     for _ in range(args.rounds):  # methods interleaved: a drift of the machine touches every method alike
         for n in names:
-            per_round[n].append(median_ms(steps[n], device, args.steps, args.warmup))
+            per_round[n].append(mean_ms(steps[n], device, args.steps, args.warmup))
     rows = {n: statistics.median(v) for n, v in per_round.items()}
 
     def ratios(n, ref):
@@ -200,9 +202,10 @@ def main(argv=None):
         return f"{r[0]:.2f}" if args.rounds == 1 else f"{r[0]:.2f} ({r[1]:.2f}–{r[2]:.2f})"
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{args.model}{' (compiled)' if args.compile else ''}, batch {args.batch}, median of {args.steps} "
-          f"steps per round, {args.rounds} round(s) with the methods interleaved (median over rounds; "
-          f"ratios taken within each round: median (smallest–largest)), {dev}, torch {torch.__version__}")
+    print(f"{args.model}{' (compiled)' if args.compile else ''}, batch {args.batch}, mean over {args.steps} "
+          f"consecutive steps per round, {args.rounds} round(s) with the methods interleaved (median over "
+          f"rounds; ratios taken within each round: median (smallest–largest)), {dev}, "
+          f"torch {torch.__version__}")
     print("| method | ms/step | × SGD | × authors' recipe (same M) |\n|---|---|---|---|")
     for n, ms in rows.items():
         anchor = {5: "authors5", 64: "authors64"}.get(methods[n][1])
