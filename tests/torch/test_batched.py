@@ -218,3 +218,27 @@ def test_mixed_precision_batchnorm_runs_under_vmap():
     slow, _ = batched_vjp(out, pieces, params, vjp_mode="loop")
     for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("refusal", [AttributeError("no such API"), None], ids=["raises", "missing"])
+def test_without_the_rowwise_rule_functorchs_rule_runs(monkeypatch, refusal):
+    """A PyTorch that cannot register the per-row rule (``register_vmap`` missing, or refusing an
+    aten operator) keeps functorch's own rule: the rows still come from ``vmap``, equal to the loop,
+    with one batched BatchNorm call per layer."""
+    from wngkernels.torch._batched import batched_vjp
+
+    if refusal is None:
+        monkeypatch.setattr(torch.library, "register_vmap", None, raising=False)
+    else:
+        def refuse(*args, **kwargs):
+            raise refusal
+        monkeypatch.setattr(torch.library, "register_vmap", refuse)
+    model = _conv_bn_net().double()
+    params = list(model.parameters())
+    out = model(torch.randn(4, 3, 8, 8, dtype=torch.float64))
+    (_, bn), (fast, mode), pieces = _backward_calls(
+        out, params, 5, lambda pieces: batched_vjp(out, pieces, params, vjp_mode="auto"))
+    assert mode == "vmap" and bn == 2 * 2  # functorch's rule: one batched call (shown twice) per layer
+    slow, _ = batched_vjp(out, pieces, params, vjp_mode="loop")
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-12, atol=1e-14)
