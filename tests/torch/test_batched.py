@@ -220,15 +220,18 @@ def test_mixed_precision_batchnorm_runs_under_vmap():
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3 * float(b.abs().max()))
 
 
-@pytest.mark.parametrize("refusal", [AttributeError("no such API"), None], ids=["raises", "missing"])
+@pytest.mark.parametrize("refusal", [AttributeError("no such API"), None, "no-destroy"],
+                         ids=["raises", "missing", "not-removable"])
 def test_without_the_rowwise_rule_functorchs_rule_runs(monkeypatch, refusal):
-    """A PyTorch that cannot register the per-row rule (``register_vmap`` missing, or refusing an
-    aten operator) keeps functorch's own rule: the rows still come from ``vmap``, equal to the loop,
-    with one batched BatchNorm call per layer."""
+    """A PyTorch that cannot register the per-row rule (``register_vmap`` missing or refusing an
+    aten operator), or could not remove it afterwards, keeps functorch's own rule: the rows still
+    come from ``vmap``, equal to the loop, with one batched BatchNorm call per layer."""
     from wngkernels.torch._batched import batched_vjp
 
     if refusal is None:
         monkeypatch.setattr(torch.library, "register_vmap", None, raising=False)
+    elif refusal == "no-destroy":
+        monkeypatch.delattr(torch.library.Library, "_destroy")
     else:
         def refuse(*args, **kwargs):
             raise refusal

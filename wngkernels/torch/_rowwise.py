@@ -41,9 +41,9 @@ def _per_row(op):
 def _register() -> torch.library.Library | None:
     """The per-row rules on a new ``Library`` (``None`` where this PyTorch cannot register them)."""
     register = getattr(torch.library, "register_vmap", None)
-    if register is None:
-        return None
-    lib = torch.library.Library("aten", "IMPL")  # noqa: TOR901 (a private fragment, removed on exit)
+    if register is None or not hasattr(torch.library.Library, "_destroy"):
+        return None  # without a way to remove it, the rule would outlive the block: not registered
+    lib = torch.library.Library("aten", "IMPL")  # a private fragment, removed on exit
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Overriding a previously registered kernel": the point
@@ -58,9 +58,8 @@ def _register() -> torch.library.Library | None:
 
 
 def _remove(lib: torch.library.Library) -> None:
-    destroy = getattr(lib, "_destroy", None)
-    if destroy is not None:
-        destroy()
+    """Unregister everything ``lib`` registered (functorch's own rules are back)."""
+    lib._destroy()
 
 
 @contextlib.contextmanager
