@@ -215,3 +215,27 @@ def test_options_after_params_are_keyword_only():
     model, _ = make_model("mlp")
     with pytest.raises(TypeError, match="positional"):
         KWNG(model.parameters(), 5)
+
+
+def test_a_refresh_from_a_non_finite_cc_is_dropped_and_other_failures_are_raised():
+    """``refreshed`` reads ``C Cᵀ``'s finiteness only through the whitening's first read: a
+    non-finite ``C Cᵀ`` gives no refresh (the step falls back to ``g``), while a failure with a
+    finite ``C Cᵀ`` (here a non-finite ``K`` with ``lam > 0``) still reaches the caller."""
+    from types import SimpleNamespace
+
+    from wngkernels.torch._direction import refreshed
+
+    m, q = 3, 7
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, m, generator=gen, dtype=torch.float64)
+    cc, t = a @ a.T, torch.randn(m, q, generator=gen, dtype=torch.float64)
+    nan = torch.full((m, m), float("nan"), dtype=torch.float64)
+    nan_k = SimpleNamespace(basis_gram=lambda points, dims: nan)
+    pend = SimpleNamespace(kernel=nan_k, points=None, dims=None, active=(0,))
+    options = dict(damping="jacobian", floor=1e-8, step=0)
+    assert refreshed(cc, t, pend, 1.0, lam=0.0, **options) is not None
+    bad = cc.clone()
+    bad[0, 1] = float("nan")
+    assert refreshed(bad, t, pend, 1.0, lam=0.0, **options) is None
+    with pytest.raises(ValueError, match="k must be finite"):
+        refreshed(cc, t, pend, 1.0, lam=0.1, **options)

@@ -198,6 +198,29 @@ def test_the_rowwise_batchnorm_rule_is_scoped_to_its_block():
         np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-12, atol=1e-14)
 
 
+def test_the_rowwise_rule_is_registered_for_the_operators_of_the_device(monkeypatch):
+    """Each registration costs host time in every batched backward: a CPU backward registers
+    BatchNorm's native operator only, a CUDA one also cuDNN's (MIOpen's on ROCm); without a
+    device, all three."""
+    from wngkernels.torch._rowwise import rowwise_batch_norm
+
+    names = []
+    real = torch.library.register_vmap
+
+    def recording(name, *args, **kwargs):
+        names.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(torch.library, "register_vmap", recording)
+    accel = "miopen" if getattr(torch.version, "hip", None) else "cudnn"
+    for device, expected in (("cpu", ["native"]), ("cuda", ["native", accel]),
+                             (None, ["native", "cudnn", "miopen"])):
+        names.clear()
+        with rowwise_batch_norm(device):
+            pass
+        assert names == [f"aten::{op}_batch_norm_backward" for op in expected]
+
+
 def test_mixed_precision_batchnorm_runs_under_vmap():
     """Under bfloat16 autocast BatchNorm mixes bfloat16 inputs with float32 weights, which
     functorch's own rule refuses; the per-row rule runs it, so the rows come from ``vmap``

@@ -159,7 +159,7 @@ def test_falls_back_to_g_when_w_is_not_a_descent_direction(monkeypatch):
     rounding and broken solves, so the solve is replaced by one that points uphill."""
     model, x = make_model("mlp", torch.float64)
     y = torch.randn(x.shape[0], dtype=torch.float64)
-    monkeypatch.setattr(pre.KWNG, "_direction", lambda self, g, params, present: -g)
+    monkeypatch.setattr(pre.KWNG, "_direction", lambda self, cache, g, params, present: -g)
     kwng = KWNG(model.parameters(), clip_norm=None, generator=0)
     out = model(x)
     kwng.precondition(out, _loss(out, y))
@@ -318,6 +318,44 @@ def test_refresh_every_reuses_t_and_computes_only_g(monkeypatch):
             g = torch.cat([gi.reshape(-1) for gi in g])
             w = solve_whitened(cache["t_white"], g, eps=1e-5, damping=cache["damping"])
             np.testing.assert_allclose(to_np(_grads(model.parameters())), to_np(w), rtol=1e-12)
+
+
+def test_a_step_between_refreshes_reads_the_device_once(monkeypatch):
+    """Between refreshes, where ``ε`` cannot move, ``step`` reads the device once (the loss, ``g``'s
+    finiteness, ``⟨g, w⟩`` and ``‖w‖`` together: on a GPU each read waits for the queued work); at
+    the end of a reduction-ratio window twice (the loss first, since ``ε`` may move)."""
+    model, x = make_model("mlp", torch.float64)
+    y = torch.randn(x.shape[0], dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    kwng = KWNG(model.parameters(), refresh_every=100, optimizer=opt, window=3, generator=0)
+    reads, per_step, eps = [], [], []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapped(self, *args, **kwargs):
+            reads.append(name)
+            return real(self, *args, **kwargs)
+        return wrapped
+
+    for _ in range(8):
+        out = model(x)
+        loss = _loss(out, y)
+        opt.zero_grad()
+        kwng.capture(out, loss)
+        loss.backward()
+        reads.clear()
+        with monkeypatch.context() as m:
+            for name in ("tolist", "item", "__float__", "__bool__", "__int__"):
+                m.setattr(torch.Tensor, name, counting(name))
+            assert kwng.step()
+        per_step.append(len(reads))
+        eps.append(kwng.current_eps())
+        opt.step()
+    # step 0 refreshes; ratios are observed from step 1 on, and windows of 3 close at steps 3 and 6
+    assert per_step[1:] == [1, 1, 2, 1, 1, 2, 1]
+    assert eps[3] != eps[2] and eps[6] != eps[5]  # those steps did move ε
+    assert len(set(eps[:3])) == 1 and len(set(eps[3:6])) == 1
 
 
 def test_schedules_are_called_with_the_step_and_stored_as_values():

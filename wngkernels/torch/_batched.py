@@ -176,7 +176,7 @@ def _vmapped_grads(outs, pieces, params, retain: bool) -> list[torch.Tensor | No
         reached[:] = [g is not None for g in grads]
         return tuple(g for g in grads if g is not None)  # vmap returns tensors only
 
-    with warnings.catch_warnings(), rowwise_batch_norm():
+    with warnings.catch_warnings(), rowwise_batch_norm(outs[0].device.type):
         warnings.filterwarnings("ignore", message=".*performance drop.*")
         got = iter(torch.func.vmap(one)(*pieces))
     return [next(got) if r else None for r in reached]

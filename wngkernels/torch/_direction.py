@@ -21,19 +21,23 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             d.copy_(s)
 
 
-def safe_direction(w: torch.Tensor | None, g: torch.Tensor, grads: list[torch.Tensor],
-                   clip: float | None) -> tuple[torch.Tensor, float, int]:
+def safe_direction(w: torch.Tensor | None, g: torch.Tensor, grads: list[torch.Tensor], clip: float | None,
+                   known: tuple[float, float] | None = None) -> tuple[torch.Tensor, float, int]:
     """``w`` clipped to ``clip``, ``⟨g, w⟩``, and the fallbacks taken (0, 1 or 2): ``g`` replaces ``w``
     where ``w`` is missing, non-finite, not a descent direction, or too long for a half-precision
-    ``.grad``. ``g = 0`` gives ``w = 0``."""
+    ``.grad``. ``g = 0`` gives ``w = 0``. ``known``: ``(⟨g, w⟩, ‖w‖)`` already read
+    (:func:`dot_and_norm` read with the step's other values), else read here."""
     fell_back = 0
-    gw, norm = (math.nan, math.nan) if w is None else _dot_and_norm(g, w)
+    if w is None:
+        gw, norm = math.nan, math.nan
+    else:
+        gw, norm = known if known is not None else dot_and_norm(g, w).tolist()
     if not (math.isfinite(gw) and math.isfinite(norm) and (gw > 0 or norm == 0)):
-        w, (gw, norm) = g, _dot_and_norm(g, g)
+        w, (gw, norm) = g, dot_and_norm(g, g).tolist()
         fell_back += 1
     w, gw = _clipped(w, gw, norm, clip)
     if w is not g and not _fits(w, grads):
-        gw, norm = _dot_and_norm(g, g)
+        gw, norm = dot_and_norm(g, g).tolist()
         w, gw = _clipped(g, gw, norm, clip)
         fell_back += 1
     return w, gw, fell_back
@@ -55,12 +59,10 @@ def _fits(w: torch.Tensor, grads: list[torch.Tensor]) -> bool:
     return float(w.abs().max()) <= limit
 
 
-def _dot_and_norm(g: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
-    """``⟨g, w⟩`` and ``‖w‖`` (accumulated in float64: a long step never overflows), one host read.
-    A non-finite entry of ``w`` makes both non-finite."""
-    both = torch.stack([torch.dot(g, w).double(), torch.linalg.vector_norm(w, dtype=torch.float64)])
-    gw, norm = both.tolist()
-    return gw, norm
+def dot_and_norm(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``[⟨g, w⟩, ‖w‖]`` float64 on the device (accumulated in float64: a long step never overflows),
+    for one host read. A non-finite entry of ``w`` makes both non-finite."""
+    return torch.stack([torch.dot(g, w).double(), torch.linalg.vector_norm(w, dtype=torch.float64)])
 
 
 def refreshed(cc, t, pend: _Pending, scale: float, *, lam: float, damping: str, floor: float,
@@ -71,9 +73,12 @@ def refreshed(cc, t, pend: _Pending, scale: float, *, lam: float, damping: str, 
     k = None
     if lam > 0:
         k = pend.kernel.basis_gram(pend.points, pend.dims)
-    if not bool(torch.isfinite(cc).all()):
+    try:
+        t_white = whiten(cc, t, k=k, lam=lam, scale=scale)  # its first read is max |C Cᵀ|: finiteness
+    except ValueError:
+        if bool(torch.isfinite(cc).all()):  # read again only on failure: another cause is the caller's
+            raise
         return None
-    t_white = whiten(cc, t, k=k, lam=lam, scale=scale)
     dmp = damping_from_whitened(t_white, floor=floor) if damping == "jacobian" else None
     return _Refresh(t_white, dmp, pend.active, step)
 

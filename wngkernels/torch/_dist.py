@@ -68,14 +68,19 @@ class Comm:
         return [p.reshape(t.shape) for p, t in zip(torch.split(flat, sizes), tensors, strict=True)]
 
 
-def reduce_step(comm: Comm, pend: _Pending, params, g: torch.Tensor, accumulation_steps: int) -> _Reduced:
+def reduce_step(comm: Comm, pend: _Pending, params, g: torch.Tensor, accumulation_steps: int,
+                extra: torch.Tensor | None = None) -> _Reduced:
     """Sum ``C Cᵀ``, ``T``, the counts and the failure flags over the process group (one
-    collective for the matrices, one for the float64 counts, which stay exact)."""
-    stats = torch.tensor([pend.n, 0.0, pend.loss_count, float(pend.bad), 0.0],
-                         dtype=torch.float64, device=g.device)
-    if isinstance(pend.loss_sum, torch.Tensor):  # summed on the device: read once, with the rest
-        stats[1] = pend.loss_sum.to(g.device)
-    stats[4] = (~torch.isfinite(g)).any().to(torch.float64)
+    collective for the matrices, one for the float64 counts, which stay exact).
+
+    One host read per step, of the values that live on the device (the loss and ``g``'s
+    finiteness). A single process reads only those two: the counts are already on the host, and
+    a small tensor made from host values (``torch.tensor(..., device=cuda)``) is a copy from
+    pageable memory, which CUDA orders after all queued work: a second wait for the GPU.
+    ``extra`` (float64 ``(k,)``, a single process only) is read with them, into ``_Reduced.extra``.
+    """
+    g_bad = (~torch.isfinite(g)).any().to(torch.float64)
+    loss = pend.loss_sum.to(g.device) if isinstance(pend.loss_sum, torch.Tensor) else g_bad.new_zeros(())
     cc, t = pend.cc, pend.t
     if pend.refresh and t is None:  # no backward ran (non-finite outputs): zeros for the reduction
         t = torch.zeros(cc.shape[0], sum(p.numel() for p in params), dtype=g.dtype, device=g.device)
@@ -84,8 +89,18 @@ def reduce_step(comm: Comm, pend: _Pending, params, g: torch.Tensor, accumulatio
         if pend.refresh:  # each rank scaled its cotangents by its own batch size: undo before the sum
             cc, t = comm.sum_all([cc, t / t_factor])
             t_factor = 1.0
-        stats = comm.sum_(stats)
-    n_tot, loss_sum, loss_count, bad, g_bad = stats.tolist()
+        if extra is not None:
+            raise ValueError("extra values are read with a single process only")
+        stats = torch.stack([g_bad.new_tensor(float(v)) for v in (pend.n, pend.loss_count, pend.bad)]
+                            + [loss, g_bad])
+        n_tot, loss_count, bad, loss_sum, g_bad = comm.sum_(stats).tolist()
+        more = None
+    else:
+        n_tot, loss_count, bad = float(pend.n), float(pend.loss_count), float(pend.bad)
+        both = torch.stack([loss, g_bad])
+        both = both if extra is None else torch.cat([both, extra.to(both.device)])
+        loss_sum, g_bad, *more = both.tolist()
     world = comm.world_size
     loss_now = loss_sum / world if loss_count == world * accumulation_steps else None
-    return _Reduced(cc, t, t_factor, n_tot, loss_now, bad > 0, g_bad > 0)
+    more = tuple(more) if extra is not None else None
+    return _Reduced(cc, t, t_factor, n_tot, loss_now, bad > 0, g_bad > 0, more)

@@ -134,6 +134,11 @@ class _Ratio:
         """What the next ratio compares with: this step's loss, ``⟨g, w⟩`` and learning rate."""
         self.prev_loss, self.prev_gw, self.prev_lr = loss, gw, lr
 
+    def may_close(self, window: int) -> bool:
+        """Whether the next :meth:`observe` can end a window (and so move ``ε``)."""
+        return (self.prev_loss is not None and (self.prev_gw or 0) > 0 and (self.prev_lr or 0) > 0
+                and self.count + 1 >= window)
+
     def observe(self, loss_now: float, window: int) -> float | None:
         """Add the ratio of ``loss_now``; at the end of a window, its maximum (and a new window)."""
         if self.prev_loss is None or not self.prev_gw or self.prev_gw <= 0:
@@ -182,3 +187,4 @@ class _Reduced(NamedTuple):
     loss_now: float | None  # the step's loss, where every micro-batch of every rank gave one
     bad: bool  # T or C Cᵀ could not be formed on some rank
     g_bad: bool  # g is non-finite on some rank
+    extra: tuple[float, ...] | None = None  # values read with these (reduce_step's extra)

@@ -35,7 +35,7 @@ from ..solve import DAMPING_FLOOR
 from . import _checkpoint
 from ._batched import _check_loss, _work_dtype
 from ._capture import _Capture
-from ._direction import _copy_all, cached_direction, refreshed, safe_direction
+from ._direction import _copy_all, cached_direction, dot_and_norm, refreshed, safe_direction
 from ._dist import Comm, reduce_step
 from ._options import Schedule, _check_schedule, _collect_params
 from ._state import _Draws, _Pending, _Ratio, _Refresh
@@ -272,20 +272,24 @@ class KWNG(_Capture):
         params = [self._params[i] for i in pend.active]
         present = [j for j, p in enumerate(params) if p.grad is not None]
         g = self._gradient(pend, params, present)
-        red = reduce_step(self._comm, pend, params, g, self.accumulation_steps)
+        # where ε cannot move at this step, the direction comes first and one read serves the step
+        ahead = self._ahead(pend, present)
+        if ahead:
+            cache, w = self._candidate(pend, pend.cc, pend.t, pend.factor, float(pend.n), pend.bad,
+                                       g, params, present)
+        red = reduce_step(self._comm, pend, params, g, self.accumulation_steps,
+                          extra=dot_and_norm(g, w) if ahead and w is not None else None)
         if red.g_bad:
             return self._skip(pend, params)
         if not present:
             return False
         self._adapt(red.loss_now)
-        if pend.refresh:
-            lam = self._value(self.lam, "lam", False)
-            self._cache = None if red.bad else refreshed(
-                red.cc / red.n, red.t, pend, 1.0 / (red.t_factor * red.n), lam=lam,
-                damping=self.damping, floor=self.damping_floor, step=self._step)
+        if not ahead:
+            cache, w = self._candidate(pend, red.cc, red.t, red.t_factor, red.n, red.bad, g, params, present)
+        self._cache = cache
         grads = [params[j].grad for j in present]
-        w, gw, fell_back = safe_direction(self._direction(g, params, present), g, grads,
-                                          self._value(self.clip_norm, "clip_norm", True))
+        w, gw, fell_back = safe_direction(w, g, grads, self._value(self.clip_norm, "clip_norm", True),
+                                          known=red.extra)
         self.num_fallbacks += fell_back
         self._ratio.record(red.loss_now, gw, self._current_lr())
         pieces = torch.split(w, [p.numel() for p in grads])
@@ -342,9 +346,27 @@ class KWNG(_Capture):
                 loss.backward()
         return self.step()
 
-    def _direction(self, g, params, present):
-        """``w`` from the refresh cache, or ``None`` (no cache, or it cannot give one)."""
-        return cached_direction(self._cache, g, params, present, self.current_eps())
+    def _ahead(self, pend: _Pending, present) -> bool:
+        """Whether the direction can be computed before the step's one host read: a single process,
+        and ``ε`` cannot move at this step (no reduction-ratio window can close)."""
+        if not present or (self._comm.active and self._comm.world_size > 1):
+            return False
+        return not (self.adaptive_eps and pend.loss_count > 0 and self._ratio.may_close(self.window))
+
+    def _candidate(self, pend: _Pending, cc, t, t_factor: float, n: float, bad: bool, g, params, present):
+        """The refresh due at this step (else the cache) and ``w`` from it (``None``: none, or it
+        cannot give one); nothing is stored."""
+        cache = self._cache
+        if pend.refresh:
+            lam = self._value(self.lam, "lam", False)
+            cache = None if bad else refreshed(cc / n, t, pend, 1.0 / (t_factor * n), lam=lam,
+                                               damping=self.damping, floor=self.damping_floor,
+                                               step=self._step)
+        return cache, self._direction(cache, g, params, present)
+
+    def _direction(self, cache, g, params, present):
+        """``w`` from ``cache`` (``T̃`` and ``D``), or ``None`` (no cache, or it cannot give one)."""
+        return cached_direction(cache, g, params, present, self.current_eps())
 
     def _adapt(self, loss_now: float | None) -> None:
         """The reduction-ratio rule (:class:`_Ratio`) moves ``ε`` at the end of each window."""
