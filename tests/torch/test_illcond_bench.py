@@ -140,3 +140,16 @@ def test_cheap_t_measures_against_a_reproducible_exact_direction():
     assert all(-1 - 1e-9 <= c <= 1 + 1e-9 for cos, _ in got.values() for c in cos)
     rows = cheap_t.main(["--quick"])
     assert {(r[0], r[2]) for r in rows} == {(e, n) for e in (0, 1) for n in cheap_t.OPTIONS if n != "exact"}
+
+
+def test_lean_step_computes_kwngs_direction_and_runs():
+    """The read-free bound of ``benchmarks/lean_step.py`` (Cholesky whitening, Woodbury solve) gives
+    ``KWNG.precondition``'s direction on the same basis (another factorisation of the same
+    formula), and its quick run times the library and lean steps side by side."""
+    import lean_step
+
+    cosines = lean_step.check_direction(torch.device("cpu"), 16, 8)
+    assert len(cosines) == 3 and all(c > 0.9999 for c in cosines)
+    rows = lean_step.main(["--quick", "--rounds", "1", "--methods", "sgd,authors5,lean,lean10,lean_reads10"])
+    assert set(rows) == {"sgd", "authors5", "lean", "lean10", "lean_reads10"}
+    assert all(ms > 0 for ms in rows.values())
