@@ -91,16 +91,17 @@ def reduce_step(comm: Comm, pend: _Pending, params, g: torch.Tensor, accumulatio
             t_factor = 1.0
         if extra is not None:
             raise ValueError("extra values are read with a single process only")
-        stats = torch.stack([g_bad.new_tensor(float(v)) for v in (pend.n, pend.loss_count, pend.bad)]
-                            + [loss, g_bad])
-        n_tot, loss_count, bad, loss_sum, g_bad = comm.sum_(stats).tolist()
-        more = None
+        counts = torch.tensor([pend.n, pend.loss_count, float(pend.bad)], dtype=torch.float64,
+                              device=g.device)
+        stats = comm.sum_(torch.cat([counts, torch.stack([loss, g_bad])]))
+        n_tot, loss_count, bad, loss_sum, g_bad = stats.tolist()
+        read = None
     else:
         n_tot, loss_count, bad = float(pend.n), float(pend.loss_count), float(pend.bad)
         both = torch.stack([loss, g_bad])
         both = both if extra is None else torch.cat([both, extra.to(both.device)])
-        loss_sum, g_bad, *more = both.tolist()
+        loss_sum, g_bad, *rest = both.tolist()
+        read = None if extra is None else tuple(rest)
     world = comm.world_size
     loss_now = loss_sum / world if loss_count == world * accumulation_steps else None
-    more = tuple(more) if extra is not None else None
-    return _Reduced(cc, t, t_factor, n_tot, loss_now, bad > 0, g_bad > 0, more)
+    return _Reduced(cc, t, t_factor, n_tot, loss_now, bad > 0, g_bad > 0, read)
