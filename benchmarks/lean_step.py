@@ -56,10 +56,12 @@ class LeanStep:
     eigh : {None, "gpu", "host"}
         Whitening by four ``M × M`` eigen-decompositions on the GPU or on the host instead of
         one Cholesky factor (the time of the factorisation's reads; the last one is used).
+    clip : float
+        ``w`` is scaled down to this norm if longer.
     """
 
     def __init__(self, device, batch: int, width: int, refresh_every: int = 1, read_before: bool = False,
-                 reads_after: int = 0, eigh: str | None = None):
+                 reads_after: int = 0, eigh: str | None = None, clip: float = CLIP):
         torch.manual_seed(0)
         self.device = device
         self.model, self.x, self.y, self.loss_fn = make_problem("resnet18", device, batch, width)
@@ -69,7 +71,7 @@ class LeanStep:
         self.t_white = torch.zeros(M, q, device=device)
         self.damping = torch.ones(q, device=device)
         self.every, self.read_before = refresh_every, read_before
-        self.reads_after, self.eigh = reads_after, eigh
+        self.reads_after, self.eigh, self.clip = reads_after, eigh, clip
         self.flat_basis = None  # (M,) indices into the flattened (N, d) outputs; None: drawn
         self.calls = 0
 
@@ -117,7 +119,7 @@ class LeanStep:
         w = self.damping * (g - v @ self.t_white) / EPS
         gw = torch.dot(g, w)
         w = torch.where(torch.isfinite(gw) & (gw > 0), w, g)
-        return w * torch.clamp(CLIP / torch.linalg.vector_norm(w), max=1.0)
+        return w * torch.clamp(self.clip / torch.linalg.vector_norm(w), max=1.0)
 
     def _update(self, w):
         sizes = [p.numel() for p in self.params]
@@ -198,25 +200,20 @@ def check_direction(device, batch: int, width: int, trials: int = 3) -> list[flo
     from wngkernels.nystrom import NystromBasis
     from wngkernels.torch import KWNG
 
-    global CLIP
-    lean, clip, cosines = LeanStep(device, batch, width), CLIP, []
-    CLIP = float("inf")
-    try:
-        d = lean.model(lean.x).shape[1]
-        for trial in range(trials):
-            gen = torch.Generator().manual_seed(trial)
-            idx, dims = torch.randperm(batch, generator=gen)[:M], torch.randint(0, d, (M,), generator=gen)
-            lean.flat_basis = (idx * d + dims).to(device)
-            w = lean.refresh(update=False)
-            kwng = KWNG(lean.params, num_basis=M, eps=EPS, adaptive_eps=False, clip_norm=None)
-            for p in lean.params:
-                p.grad = None
-            out = lean.model(lean.x)
-            kwng.precondition(out, lean.loss_fn(out, lean.y), basis=NystromBasis(idx.numpy(), dims.numpy()))
-            ref = torch.cat([p.grad.reshape(-1) for p in lean.params])
-            cosines.append(float(torch.dot(w, ref) / (w.norm() * ref.norm())))
-    finally:
-        CLIP = clip
+    lean, cosines = LeanStep(device, batch, width, clip=float("inf")), []
+    d = lean.model(lean.x).shape[1]
+    for trial in range(trials):
+        gen = torch.Generator().manual_seed(trial)
+        idx, dims = torch.randperm(batch, generator=gen)[:M], torch.randint(0, d, (M,), generator=gen)
+        lean.flat_basis = (idx * d + dims).to(device)
+        w = lean.refresh(update=False)
+        kwng = KWNG(lean.params, num_basis=M, eps=EPS, adaptive_eps=False, clip_norm=None)
+        for p in lean.params:
+            p.grad = None
+        out = lean.model(lean.x)
+        kwng.precondition(out, lean.loss_fn(out, lean.y), basis=NystromBasis(idx.numpy(), dims.numpy()))
+        ref = torch.cat([p.grad.reshape(-1) for p in lean.params])
+        cosines.append(float(torch.dot(w, ref) / (w.norm() * ref.norm())))
     return cosines
 
 
