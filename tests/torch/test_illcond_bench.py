@@ -153,3 +153,6 @@ def test_lean_step_computes_kwngs_direction_and_runs():
     rows = lean_step.main(["--quick", "--rounds", "1", "--methods", "sgd,authors5,lean,lean10,lean_reads10"])
     assert set(rows) == {"sgd", "authors5", "lean", "lean10", "lean_reads10"}
     assert all(ms > 0 for ms in rows.values())
+    for bad in ("lean_graph", "no_such_method"):  # graphs need CUDA; unknown names are refused
+        with pytest.raises(SystemExit):
+            lean_step.main(["--quick", "--methods", bad])
