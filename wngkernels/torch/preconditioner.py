@@ -38,7 +38,7 @@ from ._capture import _Capture
 from ._direction import _copy_all, cached_direction, dot_and_norm, refreshed, safe_direction
 from ._dist import Comm, reduce_step
 from ._options import Schedule, _check_schedule, _collect_params
-from ._state import _Draws, _Pending, _Ratio, _Refresh
+from ._state import _Draws, _Pending, _Ratio, _Reduced, _Refresh
 
 __all__ = ["KWNG"]
 
@@ -274,9 +274,9 @@ class KWNG(_Capture):
         g = self._gradient(pend, params, present)
         # where ε cannot move at this step, the direction comes first and one read serves the step
         ahead = self._ahead(pend, present)
-        if ahead:
-            cache, w = self._candidate(pend, pend.cc, pend.t, pend.factor, float(pend.n), pend.bad,
-                                       g, params, present)
+        if ahead:  # a single process: the reduction is the identity on C Cᵀ, T and the counts
+            local = _Reduced(pend.cc, pend.t, pend.factor, float(pend.n), None, pend.bad, False)
+            cache, w = self._candidate(pend, local, g, params, present)
         red = reduce_step(self._comm, pend, params, g, self.accumulation_steps,
                           extra=dot_and_norm(g, w) if ahead and w is not None else None)
         if red.g_bad:
@@ -285,7 +285,7 @@ class KWNG(_Capture):
             return False
         self._adapt(red.loss_now)
         if not ahead:
-            cache, w = self._candidate(pend, red.cc, red.t, red.t_factor, red.n, red.bad, g, params, present)
+            cache, w = self._candidate(pend, red, g, params, present)
         self._cache = cache
         grads = [params[j].grad for j in present]
         w, gw, fell_back = safe_direction(w, g, grads, self._value(self.clip_norm, "clip_norm", True),
@@ -353,15 +353,15 @@ class KWNG(_Capture):
             return False
         return not (self.adaptive_eps and pend.loss_count > 0 and self._ratio.may_close(self.window))
 
-    def _candidate(self, pend: _Pending, cc, t, t_factor: float, n: float, bad: bool, g, params, present):
-        """The refresh due at this step (else the cache) and ``w`` from it (``None``: none, or it
-        cannot give one); nothing is stored."""
+    def _candidate(self, pend: _Pending, red: _Reduced, g, params, present):
+        """The refresh due at this step (else the cache), from the reduced ``C Cᵀ``, ``T`` and counts,
+        and ``w`` from it (``None``: none, or it cannot give one); nothing is stored."""
         cache = self._cache
         if pend.refresh:
             lam = self._value(self.lam, "lam", False)
-            cache = None if bad else refreshed(cc / n, t, pend, 1.0 / (t_factor * n), lam=lam,
-                                               damping=self.damping, floor=self.damping_floor,
-                                               step=self._step)
+            cache = None if red.bad else refreshed(red.cc / red.n, red.t, pend, 1.0 / (red.t_factor * red.n),
+                                                   lam=lam, damping=self.damping, floor=self.damping_floor,
+                                                   step=self._step)
         return cache, self._direction(cache, g, params, present)
 
     def _direction(self, cache, g, params, present):
