@@ -148,3 +148,39 @@ def test_rules_refuse_non_finite_points_naming_them(backend, rule, bad, where):
     (y if where == "y" else x)[1, 0] = bad
     with pytest.raises(ValueError, match=f"^{where} must be finite"):
         rule(backend.asarray(y), backend.asarray(x))
+
+
+# -- the deferred rule: on the device, NaN where the call raises ---------------------------------
+
+
+@pytest.mark.parametrize("s", [1e-30, 1.0, 1e30])
+def test_the_deferred_authors_rule_is_the_rule_left_on_the_device(backend, s):
+    """``deferred`` reads nothing back and gives the call's bandwidth as a 0-d float64 array of the
+    points' library and device, at any scale the dtype holds."""
+    if not backend.is_float64 and s != 1.0:
+        s = s ** (1 / 3)  # inside float32's range
+    rng = np.random.default_rng(3)
+    y, x = s * rng.normal(size=(4, 3)), s * rng.normal(size=(9, 3))
+    sq = ((y[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    got = AuthorsRule(0.5).deferred(backend.asarray(y), backend.asarray(x))
+    assert tuple(got.shape) == () and np.dtype(backend.to_numpy(got).dtype) == np.float64
+    assert float(backend.to_numpy(got)) == pytest.approx(math.sqrt(10**0.5 * sq.mean()),
+                                                       rel=1e-12 if backend.is_float64 else 1e-5)
+    called = AuthorsRule(0.5)(backend.asarray(y), backend.asarray(x))
+    assert float(backend.to_numpy(got)) == pytest.approx(called, rel=1e-14)  # the same sums, in float64
+
+
+@pytest.mark.parametrize("case", ["coincident", "nan-y", "inf-x", "log_bandwidth=700"])
+def test_the_deferred_authors_rule_is_nan_where_the_rule_raises(backend, case):
+    rng = np.random.default_rng(4)
+    y, x = rng.normal(size=(3, 2)), rng.normal(size=(5, 2))
+    rule = AuthorsRule(700 if case.startswith("log") else 0.0)
+    if case == "coincident":
+        y, x = np.ones((3, 2)), np.ones((5, 2))
+    elif case == "nan-y":
+        y[1, 1] = math.nan
+    elif case == "inf-x":
+        x[0, 0] = math.inf
+    with pytest.raises(ValueError):
+        rule(backend.asarray(y), backend.asarray(x))
+    assert math.isnan(float(backend.to_numpy(rule.deferred(backend.asarray(y), backend.asarray(x)))))

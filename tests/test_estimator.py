@@ -252,7 +252,6 @@ def test_whiten_and_solve_validate():
         wk.solve_whitened(np.ones((2, 3)), np.ones(2), eps=1.0)
 
 
-
 @pytest.mark.parametrize("form", ["primal", "dual", "dual-qr"])
 def test_factorized_solver_reuses_one_factorisation_for_every_eps(form, backend):
     rng = np.random.default_rng(11)

@@ -7,7 +7,8 @@ estimator resolves a rule once per estimate, on the basis points ``Y`` (shape
 
 Each rule reads scalars back to the host (the bandwidth is a Python float), so that an
 unusable bandwidth (all points equal, or beyond the float range) is refused with a clear
-``ValueError``. The points are first divided by a power of two near their largest magnitude
+``ValueError``; :meth:`AuthorsRule.deferred` leaves the bandwidth on the device instead (NaN
+where the call raises). The points are first divided by a power of two near their largest magnitude
 (exact), so that no squared distance over- or underflows: samples of any scale give the
 bandwidth of that scale. Half-precision inputs are computed in ``float32``.
 """
@@ -93,6 +94,45 @@ class AuthorsRule:
         center = xp.mean(x, axis=0)
         spread = xp.mean(xp.sum((x - center) ** 2, axis=1))
         return self.from_mean_square(float(self._mean_square(xp, y, center, spread)), scale=c)
+
+    def deferred(self, y, x):
+        r"""``ℓ`` as a 0-d ``float64`` array on the points' device, reading nothing back.
+
+        The same rule as calling the instance, for callers that must not wait for the device (a
+        training step: the bandwidth feeds the kernel rows while the queued work runs). Where the
+        call raises ``ValueError`` (points not finite, all equal, ``ℓ`` beyond the float range),
+        ``ℓ`` is NaN, and so is everything computed from it.
+
+        Parameters
+        ----------
+        y : array, shape (M, d)
+            Basis points.
+        x : array, shape (N, d)
+            Samples, of ``y``'s library, device and floating dtype.
+
+        Returns
+        -------
+        array, shape ()
+            ``ℓ``, or NaN.
+        """
+        xp = _backend.namespace(y, x, names=("y", "x"))
+        with _backend.ignore_overflow():  # non-finite points and an overflowing ℓ are the NaN below
+            return self._deferred(xp, y, x)
+
+    def _deferred(self, xp, y, x):
+        work = _backend.work_dtype(xp, x.dtype)
+        y, x = xp.astype(y, work), xp.astype(x, work)
+        big = xp.astype(xp.maximum(xp.max(xp.abs(y)), xp.max(xp.abs(x))), xp.float64)
+        usable = xp.isfinite(big) & (big > 0)
+        c = 2.0 ** xp.floor(xp.log2(xp.where(usable, big, 1.0)))  # a power of two: exact to divide by
+        y, x = y / xp.astype(c, work), x / xp.astype(c, work)
+        center = xp.mean(x, axis=0)
+        mean_sq = xp.astype(self._mean_square(xp, y, center, xp.mean(xp.sum((x - center) ** 2, axis=1))),
+                            xp.float64)
+        log_ell = xp.log(c) + 0.5 * (self.log_bandwidth * math.log(10.0)
+                                     + xp.log(xp.where(mean_sq > 0, mean_sq, 1.0)))
+        inside = (log_ell > math.log(sys.float_info.min)) & (log_ell < math.log(sys.float_info.max))
+        return xp.where(usable & (mean_sq > 0) & inside, xp.exp(log_ell), math.nan)
 
     @staticmethod
     def _mean_square(xp, y, center, spread):

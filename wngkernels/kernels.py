@@ -50,7 +50,9 @@ def _scaled_differences(xp, a, b, inv_ell: float):
     clipping keeps ``û_a û_b`` finite, so that no ``0 · inf`` turns into NaN.
     """
     big = math.sqrt(float(xp.finfo(a.dtype).max)) / 4
-    if inv_ell == 1:
+    if not isinstance(inv_ell, (int, float)):  # a 0-d array (a bandwidth left on the device): halved
+        u = (a * 0.5 - b * 0.5) * (2 * inv_ell)
+    elif inv_ell == 1:
         u = a - b
     elif inv_ell < 1:  # halving is exact and keeps a − b in range; the product then cannot overflow
         u = (a * 0.5 - b * 0.5) * (2 * inv_ell)
@@ -285,6 +287,18 @@ class Kernel:
         ``out``: the dtype whose range the factor ``ℓ⁻²`` must fit."""
         factor = _bandwidth_power(ell, 2, xp.finfo(out), "cross_hessian_rows")
         return factor * self._rows(xp, x, onehot, y, 1.0 / ell)
+
+    def _rows_deferred(self, xp, x, onehot, y, ell, out):
+        """:meth:`_rows_unchecked` with ``ell`` a 0-d array on the device
+        (:meth:`~wngkernels.AuthorsRule.deferred`): reads nothing back. A NaN ``ell``, or one
+        whose ``ℓ⁻²`` is not a normal number of ``out`` below a quarter of its largest, gives
+        NaN rows (where :meth:`_rows_unchecked` raises)."""
+        info = xp.finfo(out)
+        inv = 1.0 / ell
+        factor = inv * inv
+        factor = xp.where((factor >= float(info.smallest_normal)) & (factor <= float(info.max) / 4),
+                          factor, math.nan)
+        return xp.astype(factor, x.dtype) * self._rows(xp, x, onehot, y, xp.astype(inv, x.dtype))
 
     def _rows(self, xp, x, onehot, y, inv_ell: float = 1.0):
         """:meth:`cross_hessian_rows` times ``ℓ²`` (in units of the bandwidth), on validated

@@ -223,7 +223,9 @@ def test_a_refresh_from_a_non_finite_cc_is_dropped_and_other_failures_are_raised
     finite ``C Cᵀ`` (here a non-finite ``K`` with ``lam > 0``) still reaches the caller."""
     from types import SimpleNamespace
 
+    from wngkernels import AuthorsRule, Gaussian
     from wngkernels.torch._direction import refreshed
+    from wngkernels.torch._state import _Pending
 
     m, q = 3, 7
     gen = torch.Generator().manual_seed(0)
@@ -231,7 +233,7 @@ def test_a_refresh_from_a_non_finite_cc_is_dropped_and_other_failures_are_raised
     cc, t = a @ a.T, torch.randn(m, q, generator=gen, dtype=torch.float64)
     nan = torch.full((m, m), float("nan"), dtype=torch.float64)
     nan_k = SimpleNamespace(basis_gram=lambda points, dims: nan)
-    pend = SimpleNamespace(kernel=nan_k, points=None, dims=None, active=(0,))
+    pend = _Pending(rng_state=None, refresh=True, active=(0,), kernel=nan_k)
     options = dict(damping="jacobian", floor=1e-8, step=0)
     assert refreshed(cc, t, pend, 1.0, lam=0.0, **options) is not None
     bad = cc.clone()
@@ -239,3 +241,6 @@ def test_a_refresh_from_a_non_finite_cc_is_dropped_and_other_failures_are_raised
     assert refreshed(bad, t, pend, 1.0, lam=0.0, **options) is None
     with pytest.raises(ValueError, match="k must be finite"):
         refreshed(cc, t, pend, 1.0, lam=0.1, **options)
+    # a bandwidth left on the device that proved unusable (NaN) drops the refresh where K needs it
+    pend.kernel, pend.ell = Gaussian(AuthorsRule()), torch.tensor(float("nan"), dtype=torch.float64)
+    assert refreshed(bad, t, pend, 1.0, lam=0.1, **options) is None

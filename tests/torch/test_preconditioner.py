@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 import wngkernels.torch._capture as capture  # noqa: E402
 import wngkernels.torch.preconditioner as pre  # noqa: E402
-from wngkernels import Gaussian, NystromBasis, kwng_direction, solve_whitened  # noqa: E402
+from wngkernels import AuthorsRule, Gaussian, NystromBasis, kwng_direction, solve_whitened  # noqa: E402
 from wngkernels.torch import KWNG  # noqa: E402
 
 from .helpers import DEVICES, MODELS, dense_jacobian, make_model, rel_err, to_np  # noqa: E402
@@ -152,6 +152,88 @@ def test_falls_back_to_g_on_injected_nan_in_t(monkeypatch):
     g = torch.cat([gi.reshape(-1) for gi in g])
     np.testing.assert_allclose(to_np(_grads(model.parameters())), to_np(g), rtol=1e-12, atol=1e-15)
     assert kwng.num_fallbacks == 1
+
+
+def _counting_reads(m, reads):
+    """Count the host reads of tensors (``tolist``, ``item``, ``float`` ...) into ``reads``."""
+    for name in ("tolist", "item", "__float__", "__bool__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def wrapped(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+        m.setattr(torch.Tensor, name, wrapped)
+
+
+@pytest.mark.parametrize("kernel", [None, Gaussian(0.7)], ids=["authors-rule", "fixed"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["precondition", "capture"])
+def test_a_refresh_reads_nothing_before_the_batched_backward(monkeypatch, kernel, fuse):
+    """A single process draws the basis, evaluates the bandwidth rule and queues the batched backward
+    without reading the device (on a GPU a read waits for the forward pass), and the direction is
+    the core's with the bandwidth it then reports."""
+    model, x = make_model("mlp", torch.float64)
+    y = torch.randn(x.shape[0], dtype=torch.float64)
+    kwng = KWNG(model.parameters(), kernel=kernel, eps=1e-3, clip_norm=None, adaptive_eps=False, generator=0)
+    out = model(x)
+    loss = _loss(out, y)
+    reads = []
+    with monkeypatch.context() as m:
+        _counting_reads(m, reads)
+        if fuse:
+            assert kwng._capture(out, loss, None, fuse=True)  # .grad filled by the fused backward
+        else:
+            kwng.capture(out, loss)
+    assert reads == []
+    if not fuse:
+        loss.backward()
+    g = _grads(model.parameters()).clone()
+    assert kwng.step()
+    ell = kwng.last_kernel.bandwidth
+    samples, jac = dense_jacobian(model, x, list(model.parameters()))
+    rule = AuthorsRule() if kernel is None else (lambda y, x: 0.7)
+    assert ell == rule(samples[kwng.last_basis.indices], samples)  # the core rule, read on the host
+    want = kwng_direction(g, samples, kernel=Gaussian(ell), basis=kwng.last_basis, eps=1e-3,
+                          damping="jacobian", jacobian=jac)
+    assert rel_err(to_np(_grads(model.parameters())), to_np(want)) < 1e-10
+
+
+@pytest.mark.parametrize("case", ["equal-outputs", "inf-in-second-micro-batch", "nan-fixed-bandwidth"])
+def test_unusable_outputs_drop_the_refresh_and_write_g(case):
+    """Outputs the kernel cannot use (all equal: the bandwidth rule gives 0; a non-finite entry in
+    any micro-batch) are found on the device, not read before the backward: the refresh is
+    dropped, ``g`` is written and a fallback counted; an unusable bandwidth leaves ``last_kernel``
+    as it was."""
+    torch.manual_seed(0)
+    model, x = make_model("mlp", torch.float64)
+    y = torch.randn(x.shape[0], dtype=torch.float64)
+    kernel = Gaussian(0.5) if case == "nan-fixed-bandwidth" else None
+    steps = 2 if case == "inf-in-second-micro-batch" else 1
+    kwng = KWNG(model.parameters(), kernel=kernel, accumulation_steps=steps, generator=0)
+    for _ in range(steps):  # a usable refresh first
+        out = model(x)
+        kwng.precondition(out, _loss(out, y) / steps)
+    before = kwng.last_kernel
+    model.zero_grad()
+    for k in range(steps):
+        out = model(x)
+        loss = _loss(out, y) / steps
+        bad = out
+        if case == "equal-outputs":
+            bad = out * 0 + 0.5  # attached, every entry equal (exactly: their mean is 0.5)
+        elif k == steps - 1:
+            poison = torch.zeros_like(out)
+            poison[3, 0] = math.inf if case.startswith("inf") else math.nan
+            bad = out + poison  # the loss does not see it: g stays finite
+        kwng.capture(bad, loss)
+        loss.backward()
+    g = _grads(model.parameters()).clone()
+    assert kwng.step()
+    assert kwng.num_fallbacks == 1 and kwng.num_skipped == 0
+    w = _grads(model.parameters())
+    assert bool(torch.isfinite(w).all())
+    np.testing.assert_allclose(to_np(w), to_np(g * min(1.0, 1.0 / float(g.norm()))), rtol=1e-12)
+    if case != "inf-in-second-micro-batch":  # there the first micro-batch gave a usable bandwidth
+        assert kwng.last_kernel == before
 
 
 def test_falls_back_to_g_when_w_is_not_a_descent_direction(monkeypatch):

@@ -82,11 +82,9 @@ class _Capture:
         self._draws.set_state(pend.rng_state)
 
     def _accumulate(self, pend, outputs, x, xd, loss, basis, params, dtype, fuse) -> bool:
-        checked = False  # whether _draw has just read this micro-batch's finiteness (over the group)
         if self._pending is None:
             if pend.refresh:
-                self._draw(pend, xd, sum(p.numel() for p in params), basis)
-                checked = True
+                self._draw(pend, xd, basis)
             self._pending = pend
         pend.count += 1
         pend.n += x.shape[0]
@@ -99,15 +97,8 @@ class _Capture:
                     f"outputs must have d = {pend.points.shape[1]} features per sample in every "
                     f"micro-batch; got {xd.shape[1]}"
                 )
-            if not checked and not bool(torch.isfinite(xd).all()):
-                pend.bad = True
-                return False
-            # the kernel's rows (M, n, d) without re-validating: xd's finiteness was read above or in
-            # _draw, the points are rows of the first micro-batch, the one-hot was built from our dims
-            xp = array_namespace(xd)
-            kernel = pend.kernel
-            rows = kernel._rows_unchecked(xp, pend.points, pend.onehot, xd, kernel.bandwidth, xd.dtype)
-            pend.cc += _gram_of_rows(xp, rows)
+            rows = _kernel_rows(pend, xd)
+            pend.cc += _gram_of_rows(array_namespace(xd), rows)
             return self._backward(outputs, rows, loss if fuse else None, params, pend, dtype)
         return False
 
@@ -159,25 +150,38 @@ class _Capture:
             return 1.0
         return float(s.scale(torch.ones((), device=device)))
 
-    def _draw(self, pend: _Pending, xd: torch.Tensor, q: int, basis: NystromBasis | None) -> None:
-        """Basis points and dims (rank 0's, broadcast) and the resolved kernel."""
+    def _draw(self, pend: _Pending, xd: torch.Tensor, basis: NystromBasis | None) -> None:
+        """Basis points and dims (rank 0's, broadcast) and the kernel: with its bandwidth resolved,
+        or (a single process, :class:`~wngkernels.AuthorsRule`) with the bandwidth left on the device
+        in ``pend.ell``. A single process reads nothing here: the batched backward that follows is
+        queued behind the forward pass instead of waiting for it."""
         comm = self._comm
         if basis is None:
             basis = nystrom_basis(tuple(xd.shape), self._pairs(xd), rng=self._draws.rng())
         dev = xd.device
         points = xd.index_select(0, _to_device(basis.indices, dev))
         dims = _to_device(basis.dims, dev)
-        finite = torch.isfinite(xd).all().to(xd.dtype).reshape(1)
-        if comm.active:
+        group = comm.active and comm.world_size > 1
+        if group:
             comm.broadcast_(points)
             comm.broadcast_(dims)
-            finite = comm.sum_(finite) / comm.world_size
         m = basis.num_basis
         pend.cc = torch.zeros(m, m, dtype=xd.dtype, device=dev)
         pend.points, pend.dims = points, dims
         pend.onehot = (dims[:, None] == torch.arange(xd.shape[1], device=dev)).to(xd.dtype)  # E (M, d)
         self.last_basis = basis
-        if float(finite) < 1.0:
+        rule = self.kernel.bandwidth
+        if not group and (isinstance(rule, AuthorsRule) or not callable(rule)):
+            # non-finite outputs make ℓ NaN, and the rows NaN (_kernel_rows): the refresh is dropped
+            pend.kernel = self.kernel
+            if callable(rule):
+                pend.ell = rule.deferred(points, xd)
+                self._last_pending = (self.kernel, pend.ell)
+            else:
+                self._last_kernel, self._last_pending = self.kernel, None
+            return
+        finite = torch.isfinite(xd).all().to(xd.dtype).reshape(1)
+        if float(comm.sum_(finite)) < comm.world_size:
             pend.bad = True
             return
         try:
@@ -185,7 +189,7 @@ class _Capture:
         except ValueError:  # e.g. all outputs equal: the bandwidth rule gives 0
             pend.bad = True
             return
-        self.last_kernel = pend.kernel
+        self._last_kernel, self._last_pending = pend.kernel, None
 
     def _pairs(self, xd: torch.Tensor) -> int:
         """``M``, or fewer where a batch has fewer pairs ``N·d`` (a short last batch): every rank
@@ -229,6 +233,19 @@ class _Capture:
         if not math.isfinite(ell) or ell <= 0:
             raise ValueError(f"the bandwidth rule gave a degenerate bandwidth on rank 0 ({ell})")
         return kernel.with_bandwidth(ell)
+
+
+def _kernel_rows(pend: _Pending, xd: torch.Tensor) -> torch.Tensor:
+    """The kernel's rows ``(M, n, d)`` of a micro-batch, reading nothing back: the points are rows of
+    the first micro-batch and the one-hot was built from our dims, so nothing is re-validated.
+    Non-finite outputs (in any micro-batch) make every row NaN, so that ``C Cᵀ`` is not finite and
+    the refresh is dropped after the step's read, with no read here."""
+    xp, kernel = array_namespace(xd), pend.kernel
+    if pend.ell is None:
+        rows = kernel._rows_unchecked(xp, pend.points, pend.onehot, xd, kernel.bandwidth, xd.dtype)
+    else:
+        rows = kernel._rows_deferred(xp, pend.points, pend.onehot, xd, pend.ell, xd.dtype)
+    return torch.where(torch.isfinite(xd).all(), rows, math.nan)
 
 
 def _to_device(a, device: torch.device) -> torch.Tensor:

@@ -68,12 +68,15 @@ def dot_and_norm(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def refreshed(cc, t, pend: _Pending, scale: float, *, lam: float, damping: str, floor: float,
               step: int) -> _Refresh | None:
     """``T̃`` of ``scale · t`` and ``D`` (``damping="jacobian"``: the guard ``floor``); ``None`` if
-    ``C Cᵀ`` is not finite. A non-finite ``T`` shows up in the solve's result, which then falls
-    back to ``g``."""
-    k = None
-    if lam > 0:
-        k = pend.kernel.basis_gram(pend.points, pend.dims)
+    ``C Cᵀ`` is not finite (non-finite outputs, or a bandwidth left on the device that proved
+    unusable). A non-finite ``T`` shows up in the solve's result, which then falls back to ``g``."""
     try:
+        k = None
+        if lam > 0:
+            kernel = pend.resolved_kernel()
+            if kernel is None:
+                return None
+            k = kernel.basis_gram(pend.points, pend.dims)
         t_white = whiten(cc, t, k=k, lam=lam, scale=scale)  # its first read is max |C Cᵀ|: finiteness
     except ValueError:
         if bool(torch.isfinite(cc).all()):  # read again only on failure: another cause is the caller's

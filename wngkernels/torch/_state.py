@@ -113,10 +113,19 @@ class _Pending:
     points: torch.Tensor | None = None  # (M, d)
     dims: torch.Tensor | None = None  # (M,)
     onehot: torch.Tensor | None = None  # (M, d): E[m, dims[m]] = 1, in the work dtype
-    kernel: Kernel | None = None  # bandwidth resolved
+    kernel: Kernel | None = None  # bandwidth resolved, unless ell holds it
+    ell: torch.Tensor | None = None  # the bandwidth left on the device (0-d float64; NaN: unusable)
     cc: torch.Tensor | None = None  # Σ_n H_n H_nᵀ (M, M)
     t: torch.Tensor | None = None  # factor · Σ_n Σ_i H_n[:, i] ∇θ X_{n,i}  (M, q), from the first backward
     factor: float = 1.0  # the cotangents' scale (loss scale / first micro-batch's N), undone in the whitening
+
+    def resolved_kernel(self) -> Kernel | None:
+        """The kernel with a float bandwidth: ``ell`` read (one scalar) where it is on the device;
+        ``None`` where that bandwidth is unusable (NaN)."""
+        if self.ell is None:
+            return self.kernel
+        ell = float(self.ell)
+        return self.kernel.with_bandwidth(ell) if math.isfinite(ell) else None
 
 
 @dataclass

@@ -5,7 +5,8 @@ A preconditioner, not an optimizer: it rewrites each parameter's
 ``torch.optim`` optimizer steps as usual. Per step (the PyTorch page of the documentation):
 
 1. ``capture(outputs)``: draw ``M`` basis pairs from the batch (torch's default generator
-   unless ``generator`` is given), resolve the bandwidth rule, form the cotangents and accumulate
+   unless ``generator`` is given), resolve the bandwidth rule (on the device, without a read, for
+   :class:`~wngkernels.AuthorsRule` in a single process), form the cotangents and accumulate
    :math:`\sum_n H_nH_n^\top` (for :math:`CC^\top`) and :math:`T` from one batched backward;
 2. the user's ``loss.backward()`` fills ``.grad`` with ``g`` (so DDP, AMP and accumulation keep
    working as they do without KWNG);
@@ -201,7 +202,8 @@ class KWNG(_Capture):
         self.num_skipped = 0
         self.num_short_batches = 0
         self.last_basis: NystromBasis | None = None
-        self.last_kernel: Kernel | None = None
+        self._last_kernel: Kernel | None = None  # last_kernel, or
+        self._last_pending: tuple | None = None  # (kernel, ℓ on the device) not read yet
         self._warned_lr = False
 
     # -- hyperparameters --------------------------------------------------------------------
@@ -217,6 +219,18 @@ class KWNG(_Capture):
         if not callable(h):
             return h
         return check_positive_scalar(h(self._step), f"{name}({self._step})", allow_zero=not positive)
+
+    @property
+    def last_kernel(self) -> Kernel | None:
+        """The kernel with the (float) bandwidth of the last refresh; ``None`` before the first.
+        Where the bandwidth was left on the device, the first access after the refresh reads it
+        (one scalar); an unusable one (that refresh was dropped) leaves the previous kernel."""
+        if self._last_pending is not None:
+            (kernel, ell), self._last_pending = self._last_pending, None
+            value = float(ell)
+            if math.isfinite(value):
+                self._last_kernel = kernel.with_bandwidth(value)
+        return self._last_kernel
 
     def current_eps(self) -> float:
         """``ε`` for the next step: the schedule's value times the adapted factor, within bounds."""
