@@ -123,7 +123,8 @@ LABELS = {"sgd": "SGD", "authors5": "authors' recipe M=5", "kwng5": "KWNG M=5 (p
 
 
 def make_step(kind, m, options, args, device):
-    """A closure that takes one timed step of the method (forward, backward/preconditioner, ``SGD.step``)."""
+    """A closure that takes one timed step of the method (forward, backward/preconditioner, ``SGD.step``);
+    its optional argument ``mark(name)`` is called at the end of each phase."""
     torch.manual_seed(0)
     model, x, y, loss_fn = make_problem(args.model, device, args.batch, args.width)
     if args.compile:
@@ -136,10 +137,11 @@ def make_step(kind, m, options, args, device):
     kwng = KWNG(params, num_basis=m, optimizer=opt, **options) if kind in ("kwng", "split", "sub") else None
     authors = AuthorsRecipe(params, num_basis=m) if kind == "authors" else None
 
-    def step():
+    def step(mark=_no_mark):
         opt.zero_grad()
         out = model(x)
         loss = loss_fn(out, y)
+        mark("forward")
         if kind == "sgd":
             loss.backward()
         elif kind == "authors":
@@ -150,9 +152,16 @@ def make_step(kind, m, options, args, device):
             kwng.step()
         else:
             kwng.precondition(out, loss)
+        mark("gradient" if kind == "sgd" else "direction")
         opt.step()
+        mark("opt.step")
 
+    step.kwng = kwng  # for benchmarks/step_timeline.py, which marks inside the preconditioner
     return step
+
+
+def _no_mark(name: str) -> None:
+    """``make_step``'s default phase marker: nothing."""
 
 
 def main(argv=None):

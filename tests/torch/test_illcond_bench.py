@@ -6,6 +6,7 @@ import copy
 import csv
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -156,3 +157,29 @@ def test_lean_step_computes_kwngs_direction_and_runs():
     for bad in ("lean_graph", "no_such_method"):  # graphs need CUDA; unknown names are refused
         with pytest.raises(SystemExit):
             lean_step.main(["--quick", "--methods", bad])
+
+
+def test_step_timeline_marks_every_phase_in_order():
+    """``benchmarks/step_timeline.py`` marks the forward, the preconditioner's ``step()`` (entered after
+    the capture) and the optimizer, in the order they run; the marking leaves the step's direction
+    as it is (the same ``.grad`` as an unmarked step from the same state)."""
+    import step_timeline
+    import torch_step
+
+    out = step_timeline.main(["--quick", "--methods", "sgd,kwng5"])
+    assert [n for n, _, _ in out["sgd"]] == ["forward", "gradient", "opt.step"]
+    assert [n for n, _, _ in out["kwng5"]] == ["forward", "before step()", "direction", "opt.step"]
+    for rows in out.values():
+        host = [h for _, h, _ in rows]
+        assert host == sorted(host) and host[0] > 0
+    args = SimpleNamespace(model="resnet18", batch=8, width=4, compile=False)
+    grads = []
+    for mark in (False, True):
+        step = torch_step.make_step("kwng", 5, {"generator": 0}, args, torch.device("cpu"))
+        run = step_timeline.marked(step, step_timeline.Marks(False)) if mark else step
+        run()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in step.kwng._params]))
+    assert torch.equal(grads[0], grads[1])
+    for bad in (["--quick", "--methods", "no_such_method"], ["--quick", "--syncs"]):
+        with pytest.raises(SystemExit):
+            step_timeline.main(bad)
