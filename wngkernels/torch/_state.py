@@ -120,12 +120,15 @@ class _Pending:
     factor: float = 1.0  # the cotangents' scale (loss scale / first micro-batch's N), undone in the whitening
 
     def resolved_kernel(self) -> Kernel | None:
-        """The kernel with a float bandwidth: ``ell`` read (one scalar) where it is on the device;
-        ``None`` where that bandwidth is unusable (NaN)."""
-        if self.ell is None:
-            return self.kernel
-        ell = float(self.ell)
-        return self.kernel.with_bandwidth(ell) if math.isfinite(ell) else None
+        """The kernel with a float bandwidth (:func:`with_device_bandwidth` where ``ell`` holds it)."""
+        return self.kernel if self.ell is None else with_device_bandwidth(self.kernel, self.ell)
+
+
+def with_device_bandwidth(kernel: Kernel, ell: torch.Tensor) -> Kernel | None:
+    """``kernel`` with the bandwidth ``ell`` left on the device, read (one scalar); ``None`` where it
+    is unusable (NaN: :meth:`~wngkernels.AuthorsRule.deferred`)."""
+    value = float(ell)
+    return kernel.with_bandwidth(value) if math.isfinite(value) else None
 
 
 @dataclass

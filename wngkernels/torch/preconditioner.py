@@ -39,7 +39,7 @@ from ._capture import _Capture
 from ._direction import _copy_all, cached_direction, dot_and_norm, refreshed, safe_direction
 from ._dist import Comm, reduce_step
 from ._options import Schedule, _check_schedule, _collect_params
-from ._state import _Draws, _Pending, _Ratio, _Reduced, _Refresh
+from ._state import _Draws, _Pending, _Ratio, _Reduced, _Refresh, with_device_bandwidth
 
 __all__ = ["KWNG"]
 
@@ -226,10 +226,8 @@ class KWNG(_Capture):
         Where the bandwidth was left on the device, the first access after the refresh reads it
         (one scalar); an unusable one (that refresh was dropped) leaves the previous kernel."""
         if self._last_pending is not None:
-            (kernel, ell), self._last_pending = self._last_pending, None
-            value = float(ell)
-            if math.isfinite(value):
-                self._last_kernel = kernel.with_bandwidth(value)
+            kernel, self._last_pending = with_device_bandwidth(*self._last_pending), None
+            self._last_kernel = kernel or self._last_kernel
         return self._last_kernel
 
     def current_eps(self) -> float:
