@@ -411,15 +411,6 @@ def test_a_step_between_refreshes_reads_the_device_once(monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     kwng = KWNG(model.parameters(), refresh_every=100, optimizer=opt, window=3, generator=0)
     reads, per_step, eps = [], [], []
-
-    def counting(name):
-        real = getattr(torch.Tensor, name)
-
-        def wrapped(self, *args, **kwargs):
-            reads.append(name)
-            return real(self, *args, **kwargs)
-        return wrapped
-
     for _ in range(8):
         out = model(x)
         loss = _loss(out, y)
@@ -428,8 +419,7 @@ def test_a_step_between_refreshes_reads_the_device_once(monkeypatch):
         loss.backward()
         reads.clear()
         with monkeypatch.context() as m:
-            for name in ("tolist", "item", "__float__", "__bool__", "__int__"):
-                m.setattr(torch.Tensor, name, counting(name))
+            _counting_reads(m, reads)
             assert kwng.step()
         per_step.append(len(reads))
         eps.append(kwng.current_eps())
