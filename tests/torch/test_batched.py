@@ -202,23 +202,53 @@ def test_the_rowwise_rule_is_registered_for_the_operators_of_the_device(monkeypa
     """Each registration costs host time in every batched backward: a CPU backward registers
     BatchNorm's native operator only, a CUDA one also cuDNN's (MIOpen's on ROCm); without a
     device, all three."""
+    from wngkernels.torch import _rowwise
     from wngkernels.torch._rowwise import rowwise_batch_norm
 
     names = []
-    real = torch.library.register_vmap
+    real = _rowwise._register_rule
 
-    def recording(name, *args, **kwargs):
+    def recording(lib, name, op):
         names.append(name)
-        return real(name, *args, **kwargs)
+        return real(lib, name, op)
 
-    monkeypatch.setattr(torch.library, "register_vmap", recording)
+    monkeypatch.setattr(_rowwise, "_register_rule", recording)
     accel = "miopen" if getattr(torch.version, "hip", None) else "cudnn"
     for device, expected in (("cpu", ["native"]), ("cuda", ["native", accel]),
                              (None, ["native", "cudnn", "miopen"])):
         names.clear()
         with rowwise_batch_norm(device):
             pass
-        assert names == [f"aten::{op}_batch_norm_backward" for op in expected]
+        assert names == [f"{op}_batch_norm_backward" for op in expected]
+
+
+def test_the_rowwise_rule_without_functorchs_private_functions_goes_through_register_vmap(monkeypatch):
+    """The rule is a ``FuncTorchBatched`` kernel where functorch's private functions exist; without
+    them ``torch.library.register_vmap`` registers the same rule: BatchNorm still runs once per row
+    and the rows equal the loop's."""
+    from wngkernels.torch import _rowwise
+    from wngkernels.torch._batched import batched_vjp
+
+    assert _rowwise._direct(torch.ops.aten.native_batch_norm_backward.default) is not None  # this PyTorch
+    used = []
+    real = torch.library.register_vmap
+
+    def recording(name, *args, **kwargs):
+        used.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(_rowwise, "_direct", lambda op: None)
+    monkeypatch.setattr(torch.library, "register_vmap", recording)
+    model = _conv_bn_net().double()
+    params = list(model.parameters())
+    out = model(torch.randn(4, 3, 8, 8, dtype=torch.float64))
+    (_, bn), (fast, mode), pieces = _backward_calls(
+        out, params, 5, lambda pieces: batched_vjp(out, pieces, params, vjp_mode="auto"))
+    assert used == ["aten::native_batch_norm_backward"]
+    assert mode == "vmap" and bn == 2 * (5 + 1)  # per layer: the batched call, then one per row
+    slow, _ = batched_vjp(out, pieces, params, vjp_mode="loop")
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-12, atol=1e-14)
 
 
 def test_mixed_precision_batchnorm_runs_under_vmap():
@@ -249,6 +279,7 @@ def test_without_the_rowwise_rule_functorchs_rule_runs(monkeypatch, refusal):
     """A PyTorch that cannot register the per-row rule (``register_vmap`` missing or refusing an
     aten operator), or could not remove it afterwards, keeps functorch's own rule: the rows still
     come from ``vmap``, equal to the loop, with one batched BatchNorm call per layer."""
+    from wngkernels.torch import _rowwise
     from wngkernels.torch._batched import batched_vjp
 
     if refusal is None:
@@ -259,6 +290,7 @@ def test_without_the_rowwise_rule_functorchs_rule_runs(monkeypatch, refusal):
         def refuse(*args, **kwargs):
             raise refusal
         monkeypatch.setattr(torch.library, "register_vmap", refuse)
+        monkeypatch.setattr(_rowwise, "_direct", lambda op: None)  # the register_vmap path, refusing
     model = _conv_bn_net().double()
     params = list(model.parameters())
     out = model(torch.randn(4, 3, 8, 8, dtype=torch.float64))
