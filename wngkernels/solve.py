@@ -138,11 +138,23 @@ def whiten(cc, t, *, k=None, lam: float = 0.0, rcond: float | None = None, scale
 
 def _whiten(xp, cc, t, k, lam: float, rcond: float | None, scale: float):
     """:func:`whiten` on validated arguments (shapes and scalars checked; values read here)."""
-    m = cc.shape[0]
     out = _backend.result_float_dtype(xp, cc, t)
     work = _backend.work_dtype(xp, out)
-    cc = cc if cc.dtype == work else xp.astype(cc, work)
     t = t if t.dtype == work else xp.astype(t, work)  # (M, q): no copy unless half precision
+    factor = _whitening_factor(xp, cc, k, lam, rcond, scale, work)
+    if factor is None:  # no information at all: every direction is cut
+        return xp.zeros((cc.shape[0], t.shape[1]), dtype=out, device=_backend.device(t))
+    # the M × M factor first: one pass over the (M, q) matrix
+    return _cast_back(xp, factor @ t, out, "t_white")
+
+
+def _whitening_factor(xp, cc, k, lam: float, rcond: float | None, scale: float, work):
+    """The ``M × M`` factor ``scale · Σ^{†1/2} Vᵀ`` of :func:`whiten` (``T̃ = factor · T``), in ``work``;
+    ``None`` where ``cc + lam · k`` is zero. Reads ``max |cc|`` (and ``max |k|``): ``ValueError`` if
+    either is not finite. ``T̃`` is linear in ``T``, so the factor may as well be applied to whatever
+    ``T`` is linear in (the PyTorch preconditioner whitens the cotangents of its backward)."""
+    m = cc.shape[0]
+    cc = cc if cc.dtype == work else xp.astype(cc, work)
     c_cc = _backend.max_abs(xp, cc)
     if not math.isfinite(c_cc):
         raise ValueError("cc must be finite; it contains NaN or Inf")
@@ -156,8 +168,8 @@ def _whiten(xp, cc, t, k, lam: float, rcond: float | None, scale: float):
     if not math.isfinite(c_lk):
         raise ValueError(f"lam · max|k| overflows: lam={lam!r}, max|k|={c_k:.3g}")
     top = max(c_cc, c_lk)
-    if top == 0:  # no information at all: every direction is cut
-        return xp.zeros((m, t.shape[1]), dtype=out, device=_backend.device(t))
+    if top == 0:
+        return None
     c = _backend.pow2_below(top)
     a = cc / c
     if c_lk > 0:
@@ -166,8 +178,7 @@ def _whiten(xp, cc, t, k, lam: float, rcond: float | None, scale: float):
     sigma, v = xp.linalg.eigh((a + a.T) / 2)
     keep = sigma > rcond * xp.max(sigma)
     inv_sqrt = xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, sigma, 1.0)), 0.0) * (scale / math.sqrt(c))
-    # the M × M factor first: one pass over the (M, q) matrix
-    return _cast_back(xp, (inv_sqrt[:, None] * v.T) @ t, out, "t_white")
+    return inv_sqrt[:, None] * v.T
 
 
 #: The authors' guard in ``D_jj = 1/(‖T̃_j‖ + floor)`` (their code's ``1e-8``), in the units of ``T̃``.

@@ -14,6 +14,7 @@ from ..bandwidth import AuthorsRule
 from ..estimator import _gram_of_rows
 from ..kernels import Kernel
 from ..nystrom import NystromBasis, nystrom_basis
+from ..solve import _whitening_factor
 from ._batched import (
     _as_output_list,
     _check_loss,
@@ -99,8 +100,46 @@ class _Capture:
                 )
             rows = _kernel_rows(pend, xd)
             pend.cc += _gram_of_rows(array_namespace(xd), rows)
+            if self._whitens_cotangents(outputs):
+                rows = self._whitened(pend, rows)
+                if rows is None:  # C Cᵀ not finite (outputs, bandwidth): the refresh is dropped, g written
+                    pend.bad = True
+                    return False
             return self._backward(outputs, rows, loss if fuse else None, params, pend, dtype)
         return False
+
+    def _whitens_cotangents(self, outputs) -> bool:
+        """Whether ``C Cᵀ`` is complete before the backward and ``T̃`` can come out of it directly: one
+        micro-batch per step in a single process, no grad scaler, outputs in float32 or wider."""
+        if self.accumulation_steps != 1 or (self._comm.active and self._comm.world_size > 1):
+            return False
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            return False
+        return all(torch.finfo(o.dtype).bits >= 32 for o in _as_output_list(outputs))
+
+    def _whitened(self, pend: _Pending, rows: torch.Tensor) -> torch.Tensor | None:
+        """The cotangent rows whitened: ``factor · rows`` with :func:`~wngkernels.whiten`'s ``M × M``
+        factor of ``C Cᵀ/N`` (and ``λK``), so that the batched backward gives ``T̃`` itself — ``T`` is
+        linear in its cotangents — and no ``(M × M)·(M × q)`` product follows it. Reads ``max |C Cᵀ|``
+        and the eigen-decomposition's status (the GPU has only the forward pass before it). ``None``
+        where ``C Cᵀ`` (or ``K``) is not finite, or the bandwidth left on the device is unusable."""
+        m, n = rows.shape[0], rows.shape[1]
+        xp, lam, k = array_namespace(rows), self._value(self.lam, "lam", False), None
+        if lam > 0:
+            kernel = pend.resolved_kernel()
+            if kernel is None:
+                return None
+            k = kernel.basis_gram(pend.points, pend.dims)
+        try:
+            factor = _whitening_factor(xp, pend.cc / n, k, lam, None, 1.0, rows.dtype)
+        except ValueError:
+            if bool(torch.isfinite(pend.cc).all()) and (k is None or bool(torch.isfinite(k).all())):
+                raise  # another cause: the caller's (an overflowing lam)
+            return None
+        pend.whitened = True
+        if factor is None:  # C Cᵀ + λK = 0: every direction is cut, T̃ = 0
+            return torch.zeros_like(rows)
+        return (factor @ rows.reshape(m, -1)).reshape(rows.shape)
 
     def _backward(self, outputs, rows, loss, params, pend: _Pending, dtype) -> bool:
         """``T``'s rows into ``pend.t``; with a ``loss`` that reaches ``params`` only through the

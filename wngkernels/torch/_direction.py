@@ -69,21 +69,26 @@ def refreshed(cc, t, pend: _Pending, scale: float, *, lam: float, damping: str, 
               step: int) -> _Refresh | None:
     """``T̃`` of ``scale · t`` and ``D`` (``damping="jacobian"``: the guard ``floor``); ``None`` if
     ``C Cᵀ`` is not finite (non-finite outputs, or a bandwidth left on the device that proved
-    unusable). A non-finite ``T`` shows up in the solve's result, which then falls back to ``g``."""
-    try:
-        k = None
-        if lam > 0:
-            kernel = pend.resolved_kernel()
-            if kernel is None:
-                return None
-            k = kernel.basis_gram(pend.points, pend.dims)
-        t_white = whiten(cc, t, k=k, lam=lam, scale=scale)  # its first read is max |C Cᵀ|: finiteness
-    except ValueError:
-        if bool(torch.isfinite(cc).all()):  # read again only on failure: another cause is the caller's
-            raise
-        return None
+    unusable). Where the capture whitened the cotangents (``pend.whitened``), ``t`` is ``T̃`` already.
+    A non-finite ``T`` shows up in the solve's result, which then falls back to ``g``."""
+    if pend.whitened:
+        t_white = t
+    else:
+        try:
+            k = None
+            if lam > 0:
+                kernel = pend.resolved_kernel()
+                if kernel is None:
+                    return None
+                k = kernel.basis_gram(pend.points, pend.dims)
+            t_white = whiten(cc, t, k=k, lam=lam, scale=scale)  # its first read is max |C Cᵀ|: finiteness
+        except ValueError:
+            if bool(torch.isfinite(cc).all()):  # read again only on failure: another cause is the caller's
+                raise
+            return None
     dmp = damping_from_whitened(t_white, floor=floor) if damping == "jacobian" else None
     return _Refresh(t_white, dmp, pend.active, step)
+
 
 def cached_direction(c: _Refresh | None, g, params, present, eps: float):
     """``w`` for ``g`` of the ``present`` parameters from a refresh's ``T̃`` and ``D``; ``None``

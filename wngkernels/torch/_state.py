@@ -118,6 +118,7 @@ class _Pending:
     cc: torch.Tensor | None = None  # Σ_n H_n H_nᵀ (M, M)
     t: torch.Tensor | None = None  # factor · Σ_n Σ_i H_n[:, i] ∇θ X_{n,i}  (M, q), from the first backward
     factor: float = 1.0  # the cotangents' scale (loss scale / first micro-batch's N), undone in the whitening
+    whitened: bool = False  # the cotangents were whitened: t holds T̃ (M, q) itself
 
     def resolved_kernel(self) -> Kernel | None:
         """The kernel with a float bandwidth (:func:`with_device_bandwidth` where ``ell`` holds it)."""

@@ -7,10 +7,14 @@ A preconditioner, not an optimizer: it rewrites each parameter's
 1. ``capture(outputs)``: draw ``M`` basis pairs from the batch (torch's default generator
    unless ``generator`` is given), resolve the bandwidth rule (on the device, without a read, for
    :class:`~wngkernels.AuthorsRule` in a single process), form the cotangents and accumulate
-   :math:`\sum_n H_nH_n^\top` (for :math:`CC^\top`) and :math:`T` from one batched backward;
+   :math:`\sum_n H_nH_n^\top` (for :math:`CC^\top`) and :math:`T` from one batched backward.
+   Where :math:`CC^\top` is complete before that backward (one micro-batch per step, a single
+   process, no grad scaler, outputs in float32 or wider) the cotangents are whitened first
+   (:func:`~wngkernels.whiten`'s ``M × M`` factor applied to them: :math:`T` is linear in its
+   cotangents), so the backward gives :math:`\tilde T` itself;
 2. the user's ``loss.backward()`` fills ``.grad`` with ``g`` (so DDP, AMP and accumulation keep
    working as they do without KWNG);
-3. ``step()``: :func:`~wngkernels.whiten` (ridgeless when ``lam = 0``),
+3. ``step()``: :func:`~wngkernels.whiten` where the capture did not (ridgeless when ``lam = 0``),
    :func:`~wngkernels.damping_from_whitened` (``D = diag(Ĝ)^{-1/2}``, the authors' guard;
    parameters the outputs do not see are excluded and take the rule of
    :class:`~wngkernels.WhitenedSolver`),
