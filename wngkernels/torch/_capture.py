@@ -192,8 +192,9 @@ class _Capture:
     def _draw(self, pend: _Pending, xd: torch.Tensor, basis: NystromBasis | None) -> None:
         """Basis points and dims (rank 0's, broadcast) and the kernel: with its bandwidth resolved,
         or (a single process, :class:`~wngkernels.AuthorsRule`) with the bandwidth left on the device
-        in ``pend.ell``. A single process reads nothing here: the batched backward that follows is
-        queued behind the forward pass instead of waiting for it."""
+        in ``pend.ell``. A single process reads nothing here (the whitening of the cotangents, where
+        it applies, reads ``max |C Cᵀ|`` later; otherwise the batched backward is queued behind the
+        forward pass without waiting for it)."""
         comm = self._comm
         if basis is None:
             basis = nystrom_basis(tuple(xd.shape), self._pairs(xd), rng=self._draws.rng())
