@@ -25,6 +25,7 @@ from ._batched import (
     flatten_outputs,
     grad_only_through,
 )
+from ._direction import checked_whitening
 from ._state import _Pending
 
 
@@ -124,17 +125,10 @@ class _Capture:
         and the eigen-decomposition's status (the GPU has only the forward pass before it). ``None``
         where ``C Cᵀ`` (or ``K``) is not finite, or the bandwidth left on the device is unusable."""
         m, n = rows.shape[0], rows.shape[1]
-        xp, lam, k = array_namespace(rows), self._value(self.lam, "lam", False), None
-        if lam > 0:
-            kernel = pend.resolved_kernel()
-            if kernel is None:
-                return None
-            k = kernel.basis_gram(pend.points, pend.dims)
-        try:
-            factor = _whitening_factor(xp, pend.cc / n, k, lam, None, 1.0, rows.dtype)
-        except ValueError:
-            if bool(torch.isfinite(pend.cc).all()) and (k is None or bool(torch.isfinite(k).all())):
-                raise  # another cause: the caller's (an overflowing lam)
+        xp, lam, cc = array_namespace(rows), self._value(self.lam, "lam", False), pend.cc / n
+        usable, factor = checked_whitening(
+            cc, pend, lam, lambda k: _whitening_factor(xp, cc, k, lam, None, 1.0, rows.dtype))
+        if not usable:
             return None
         pend.whitened = True
         if factor is None:  # C Cᵀ + λK = 0: every direction is cut, T̃ = 0

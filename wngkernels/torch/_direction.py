@@ -71,23 +71,31 @@ def refreshed(cc, t, pend: _Pending, scale: float, *, lam: float, damping: str, 
     ``C Cᵀ`` is not finite (non-finite outputs, or a bandwidth left on the device that proved
     unusable). Where the capture whitened the cotangents (``pend.whitened``), ``t`` is ``T̃`` already.
     A non-finite ``T`` shows up in the solve's result, which then falls back to ``g``."""
-    if pend.whitened:
-        t_white = t
-    else:
-        try:
-            k = None
-            if lam > 0:
-                kernel = pend.resolved_kernel()
-                if kernel is None:
-                    return None
-                k = kernel.basis_gram(pend.points, pend.dims)
-            t_white = whiten(cc, t, k=k, lam=lam, scale=scale)  # its first read is max |C Cᵀ|: finiteness
-        except ValueError:
-            if bool(torch.isfinite(cc).all()):  # read again only on failure: another cause is the caller's
-                raise
-            return None
+    usable, t_white = (True, t) if pend.whitened else checked_whitening(
+        cc, pend, lam, lambda k: whiten(cc, t, k=k, lam=lam, scale=scale))  # its first read: max |C Cᵀ|
+    if not usable:
+        return None
     dmp = damping_from_whitened(t_white, floor=floor) if damping == "jacobian" else None
     return _Refresh(t_white, dmp, pend.active, step)
+
+
+def checked_whitening(cc, pend: _Pending, lam: float, whitening):
+    """``(True, whitening(k))``, ``k`` the basis's ``K`` where ``lam > 0`` (else ``None``); ``(False,
+    None)`` where the bandwidth left on the device is unusable or ``C Cᵀ`` is not finite — the core's
+    ``ValueError``, told apart from other causes (raised: a non-finite ``K``, an overflowing ``lam``)
+    by reading ``C Cᵀ``'s finiteness again, on failure only."""
+    k = None
+    if lam > 0:
+        kernel = pend.resolved_kernel()
+        if kernel is None:
+            return False, None
+        k = kernel.basis_gram(pend.points, pend.dims)
+    try:
+        return True, whitening(k)
+    except ValueError:
+        if bool(torch.isfinite(cc).all()):
+            raise
+        return False, None
 
 
 def cached_direction(c: _Refresh | None, g, params, present, eps: float):
