@@ -293,6 +293,55 @@ def test_falls_back_to_g_when_w_is_not_a_descent_direction(monkeypatch):
     assert kwng.num_fallbacks == 1
 
 
+@pytest.mark.parametrize("case", ["clipped", "unclipped", "uphill", "nan-t", "zero-gradient"])
+def test_the_direction_written_before_the_read_is_the_one_decided_after_it(monkeypatch, case):
+    """Without a grad scaler the fallback and the clipping are decided on the device and ``.grad``
+    written before the step's read; the result — ``.grad``, the fallbacks counted, the ``⟨g, w⟩``
+    the reduction ratio keeps, ``ε`` — is the one decided on the host after the read (the path
+    a grad scaler, a half-precision ``.grad`` or a closing ratio window takes), step after step."""
+    decided = []
+
+    def run(before):
+        with monkeypatch.context() as m:
+            if not before:
+                m.setattr(KWNG, "_write_before_read", lambda self, w, g, grads, clip: None)
+            real_decided = pre.decided_direction
+            m.setattr(pre, "decided_direction", lambda *a: decided.append(before) or real_decided(*a))
+            if case == "uphill":
+                m.setattr(pre.KWNG, "_direction", lambda self, cache, g, params, present: -g)
+            elif case == "nan-t":
+                real = capture._rows_from_grads
+                m.setattr(capture, "_rows_from_grads", lambda *a, **k: real(*a, **k) * math.nan)
+            torch.manual_seed(0)
+            model, x = make_model("mlp", torch.float64)
+            y = 10 * torch.randn(x.shape[0], dtype=torch.float64)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            kwng = KWNG(model.parameters(), optimizer=opt, window=2, eps=1e-4, generator=1,
+                        clip_norm=None if case == "unclipped" else 0.5)
+            seen = []
+            for _ in range(5):
+                opt.zero_grad()
+                out = model(x)
+                loss = 0.0 * out.sum() if case == "zero-gradient" else _loss(out, y)
+                assert kwng.precondition(out, loss)
+                seen.append((_grads(model.parameters()).clone(), kwng._ratio.prev_gw, kwng.current_eps()))
+                opt.step()
+            return seen, kwng.num_fallbacks
+
+    (early, fb_early), (late, fb_late) = run(True), run(False)
+    # steps where a ratio window may close (none with a zero gradient: no ratio) decide after the
+    # read in both runs, as do steps without a w (a non-finite T)
+    if case == "nan-t":
+        assert decided == []
+    else:
+        assert all(decided) and (len(decided) == 5 if case == "zero-gradient" else 0 < len(decided) < 5)
+    assert fb_early == fb_late == {"uphill": 5, "nan-t": 5}.get(case, 0)
+    for (w1, gw1, e1), (w2, gw2, e2) in zip(early, late, strict=True):
+        assert torch.equal(w1, w2) and gw1 == gw2 and e1 == e2
+    if case == "clipped":
+        assert float(early[0][0].norm()) == pytest.approx(0.5, rel=1e-12)
+
+
 def test_non_finite_gradient_is_skipped_and_never_written():
     model, x = make_model("mlp", torch.float64)
     y = torch.randn(x.shape[0], dtype=torch.float64)

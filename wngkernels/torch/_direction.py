@@ -43,6 +43,21 @@ def safe_direction(w: torch.Tensor | None, g: torch.Tensor, grads: list[torch.Te
     return w, gw, fell_back
 
 
+def decided_direction(w: torch.Tensor, g: torch.Tensor,
+                      clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`safe_direction`'s choice made on the device, for a ``w`` that fits the ``.grad`` dtypes:
+    the direction (``w``, or ``g`` where ``w`` is non-finite or not a descent direction, clipped to
+    ``clip``) and float64 ``[fell back (0 or 1), ⟨g, direction⟩]``, to be read with the step's other
+    values. Nothing is read here, so the direction can be written before that read."""
+    gw, norm = dot_and_norm(g, w)
+    ok = torch.isfinite(gw) & torch.isfinite(norm) & ((gw > 0) | (norm == 0))
+    g_gw, g_norm = dot_and_norm(g, g)
+    gw, norm = torch.where(ok, gw, g_gw), torch.where(ok, norm, g_norm)
+    scale = torch.ones_like(norm) if clip is None else torch.where(norm > clip, clip / norm, 1.0)
+    out = torch.where(ok, w, g).mul_(scale.to(w.dtype))
+    return out, torch.stack([(~ok).to(torch.float64), gw * scale])
+
+
 def _clipped(w: torch.Tensor, gw: float, norm: float, clip: float | None) -> tuple[torch.Tensor, float]:
     """``w`` scaled down to norm ``clip`` if longer, and ``⟨g, w⟩`` with it."""
     if clip is None or norm <= clip:

@@ -40,7 +40,14 @@ from ..solve import DAMPING_FLOOR
 from . import _checkpoint
 from ._batched import _check_loss, _work_dtype
 from ._capture import _Capture
-from ._direction import _copy_all, cached_direction, dot_and_norm, refreshed, safe_direction
+from ._direction import (
+    _copy_all,
+    cached_direction,
+    decided_direction,
+    dot_and_norm,
+    refreshed,
+    safe_direction,
+)
 from ._dist import Comm, reduce_step
 from ._options import Schedule, _check_schedule, _collect_params
 from ._state import _Draws, _Pending, _Ratio, _Reduced, _Refresh, with_device_bandwidth
@@ -290,11 +297,15 @@ class KWNG(_Capture):
         g = self._gradient(pend, params, present)
         # where ε cannot move at this step, the direction comes first and one read serves the step
         ahead = self._ahead(pend, present)
+        grads = [params[j].grad for j in present]
+        clip = self._value(self.clip_norm, "clip_norm", True)
+        written = None
         if ahead:  # a single process: the reduction is the identity on C Cᵀ, T and the counts
             local = _Reduced(pend.cc, pend.t, pend.factor, float(pend.n), None, pend.bad, False)
             cache, w = self._candidate(pend, local, g, params, present)
-        red = reduce_step(self._comm, pend, params, g, self.accumulation_steps,
-                          extra=dot_and_norm(g, w) if ahead and w is not None else None)
+            written = self._write_before_read(w, g, grads, clip)
+        extra = written if written is not None else dot_and_norm(g, w) if ahead and w is not None else None
+        red = reduce_step(self._comm, pend, params, g, self.accumulation_steps, extra=extra)
         if red.g_bad:
             return self._skip(pend, params)
         if not present:
@@ -303,15 +314,29 @@ class KWNG(_Capture):
         if not ahead:
             cache, w = self._candidate(pend, red, g, params, present)
         self._cache = cache
-        grads = [params[j].grad for j in present]
-        w, gw, fell_back = safe_direction(w, g, grads, self._value(self.clip_norm, "clip_norm", True),
-                                          known=red.extra)
+        if written is not None:
+            fell_back, gw = int(red.extra[0]), red.extra[1]
+        else:
+            w, gw, fell_back = safe_direction(w, g, grads, clip, known=red.extra)
+            _write(w, grads)
         self.num_fallbacks += fell_back
         self._ratio.record(red.loss_now, gw, self._current_lr())
-        pieces = torch.split(w, [p.numel() for p in grads])
-        _copy_all(grads, [v.view_as(p) for v, p in zip(pieces, grads, strict=True)])
         self._step += 1
         return True
+
+    def _write_before_read(self, w, g, grads, clip):
+        """Where nothing needs ``.grad`` left as it was on a skipped step (no grad scaler: a skipped
+        step sets ``.grad`` to ``None``) and ``w`` fits the ``.grad`` dtypes, the fallback and the
+        clipping are decided on the device and the direction written before the step's read (the
+        host launches it while the GPU still works, not after the read): returns the values to read
+        (:func:`decided_direction`); else ``None``."""
+        if w is None or (self.grad_scaler is not None and self.grad_scaler.is_enabled()):
+            return None
+        if min(torch.finfo(p.dtype).max for p in grads) < torch.finfo(w.dtype).max:
+            return None  # a half-precision .grad: safe_direction checks that w fits, with a read
+        w, stats = decided_direction(w, g, clip)
+        _write(w, grads)
+        return stats
 
     def _unscale(self) -> None:
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
@@ -433,3 +458,9 @@ class KWNG(_Capture):
                 f"clip_norm={show(self.clip_norm)}, "
                 f"refresh_every={self.refresh_every}, accumulation_steps={self.accumulation_steps}, "
                 f"step={self._step})")
+
+
+def _write(w: torch.Tensor, grads: list[torch.Tensor]) -> None:
+    """``w`` into the ``.grad`` tensors ``grads``, in their order and shapes."""
+    pieces = torch.split(w, [p.numel() for p in grads])
+    _copy_all(grads, [v.view_as(p) for v, p in zip(pieces, grads, strict=True)])
