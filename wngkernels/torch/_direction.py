@@ -3,8 +3,6 @@ in one read, clipping, the half-precision fit, and writing ``.grad``."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -21,34 +19,13 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             d.copy_(s)
 
 
-def safe_direction(w: torch.Tensor | None, g: torch.Tensor, grads: list[torch.Tensor], clip: float | None,
-                   known: tuple[float, float] | None = None) -> tuple[torch.Tensor, float, int]:
-    """``w`` clipped to ``clip``, ``⟨g, w⟩``, and the fallbacks taken (0, 1 or 2): ``g`` replaces ``w``
-    where ``w`` is missing, non-finite, not a descent direction, or too long for a half-precision
-    ``.grad``. ``g = 0`` gives ``w = 0``. ``known``: ``(⟨g, w⟩, ‖w‖)`` already read
-    (:func:`dot_and_norm` read with the step's other values), else read here."""
-    fell_back = 0
-    if w is None:
-        gw, norm = math.nan, math.nan
-    else:
-        gw, norm = known if known is not None else dot_and_norm(g, w).tolist()
-    if not (math.isfinite(gw) and math.isfinite(norm) and (gw > 0 or norm == 0)):
-        w, (gw, norm) = g, dot_and_norm(g, g).tolist()
-        fell_back += 1
-    w, gw = _clipped(w, gw, norm, clip)
-    if w is not g and not _fits(w, grads):
-        gw, norm = dot_and_norm(g, g).tolist()
-        w, gw = _clipped(g, gw, norm, clip)
-        fell_back += 1
-    return w, gw, fell_back
-
-
 def decided_direction(w: torch.Tensor, g: torch.Tensor,
                       clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`safe_direction`'s choice made on the device, for a ``w`` that fits the ``.grad`` dtypes:
-    the direction (``w``, or ``g`` where ``w`` is non-finite or not a descent direction, clipped to
-    ``clip``) and float64 ``[fell back (0 or 1), ⟨g, direction⟩]``, to be read with the step's other
-    values. Nothing is read here, so the direction can be written before that read."""
+    """The direction to write, decided on the device: ``w``, or ``g`` where ``w`` is non-finite or
+    not a descent direction (``⟨g, w⟩ <= 0`` with ``w != 0``; ``g = 0`` gives ``w = 0``), clipped
+    to norm ``clip``; and float64 ``[fell back (0 or 1), ⟨g, direction⟩]`` for the host, read with
+    the step's other values where they are read after it (``⟨g, w⟩`` and the norms accumulate in
+    float64). Nothing is read here: the direction can be written before that read."""
     gw, norm = dot_and_norm(g, w)
     ok = torch.isfinite(gw) & torch.isfinite(norm) & ((gw > 0) | (norm == 0))
     g_gw, g_norm = dot_and_norm(g, g)
@@ -58,20 +35,14 @@ def decided_direction(w: torch.Tensor, g: torch.Tensor,
     return out, torch.stack([(~ok).to(torch.float64), gw * scale])
 
 
-def _clipped(w: torch.Tensor, gw: float, norm: float, clip: float | None) -> tuple[torch.Tensor, float]:
-    """``w`` scaled down to norm ``clip`` if longer, and ``⟨g, w⟩`` with it."""
-    if clip is None or norm <= clip:
-        return w, gw
-    return w * (clip / norm), gw * (clip / norm)
-
-
-def _fits(w: torch.Tensor, grads: list[torch.Tensor]) -> bool:
-    """Whether ``w``'s entries fit the narrowest ``.grad`` dtype (float16's 65504); one host read,
-    only where a gradient is narrower than ``w``."""
+def fits(w: torch.Tensor, grads: list[torch.Tensor], read: bool = True) -> bool:
+    """Whether ``w``'s entries fit the narrowest ``.grad`` dtype (float16's 65504). Reads the
+    device (one scalar) only where a gradient is narrower than ``w``; with ``read=False`` such a
+    ``w`` counts as not fitting."""
     limit = min(torch.finfo(p.dtype).max for p in grads)
     if limit >= torch.finfo(w.dtype).max:
         return True
-    return float(w.abs().max()) <= limit
+    return read and float(w.abs().max()) <= limit
 
 
 def dot_and_norm(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

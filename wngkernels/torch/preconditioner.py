@@ -44,9 +44,8 @@ from ._direction import (
     _copy_all,
     cached_direction,
     decided_direction,
-    dot_and_norm,
+    fits,
     refreshed,
-    safe_direction,
 )
 from ._dist import Comm, reduce_step
 from ._options import Schedule, _check_schedule, _collect_params
@@ -299,13 +298,17 @@ class KWNG(_Capture):
         ahead = self._ahead(pend, present)
         grads = [params[j].grad for j in present]
         clip = self._value(self.clip_norm, "clip_norm", True)
-        written = None
+        decided, early = None, False
         if ahead:  # a single process: the reduction is the identity on C Cᵀ, T and the counts
             local = _Reduced(pend.cc, pend.t, pend.factor, float(pend.n), None, pend.bad, False)
             cache, w = self._candidate(pend, local, g, params, present)
-            written = self._write_before_read(w, g, grads, clip)
-        extra = written if written is not None else dot_and_norm(g, w) if ahead and w is not None else None
-        red = reduce_step(self._comm, pend, params, g, self.accumulation_steps, extra=extra)
+            if w is not None:  # decided now, read with the step's values
+                decided = decided_direction(w, g, clip)
+                early = self._writes_early(decided[0], grads)
+                if early:  # launched while the GPU still works, not after the read
+                    _write(decided[0], grads)
+        red = reduce_step(self._comm, pend, params, g, self.accumulation_steps,
+                          extra=None if decided is None else decided[1])
         if red.g_bad:
             return self._skip(pend, params)
         if not present:
@@ -314,29 +317,28 @@ class KWNG(_Capture):
         if not ahead:
             cache, w = self._candidate(pend, red, g, params, present)
         self._cache = cache
-        if written is not None:
-            fell_back, gw = int(red.extra[0]), red.extra[1]
+        if decided is None:  # ε may have moved, or there is no w: decided now, read on its own
+            decided = decided_direction(g if w is None else w, g, clip)
+            stats = decided[1].tolist()
         else:
-            w, gw, fell_back = safe_direction(w, g, grads, clip, known=red.extra)
-            _write(w, grads)
+            stats = red.extra
+        out, fell_back, gw = decided[0], int(stats[0]) + (w is None), stats[1]
+        if not early:
+            if not fell_back and not fits(out, grads):  # too long for a half-precision .grad: g
+                out, more = decided_direction(g, g, clip)
+                fell_back, gw = 1, more.tolist()[1]
+            _write(out, grads)
         self.num_fallbacks += fell_back
         self._ratio.record(red.loss_now, gw, self._current_lr())
         self._step += 1
         return True
 
-    def _write_before_read(self, w, g, grads, clip):
-        """Where nothing needs ``.grad`` left as it was on a skipped step (no grad scaler: a skipped
-        step sets ``.grad`` to ``None``) and ``w`` fits the ``.grad`` dtypes, the fallback and the
-        clipping are decided on the device and the direction written before the step's read (the
-        host launches it while the GPU still works, not after the read): returns the values to read
-        (:func:`decided_direction`); else ``None``."""
-        if w is None or (self.grad_scaler is not None and self.grad_scaler.is_enabled()):
-            return None
-        if min(torch.finfo(p.dtype).max for p in grads) < torch.finfo(w.dtype).max:
-            return None  # a half-precision .grad: safe_direction checks that w fits, with a read
-        w, stats = decided_direction(w, g, clip)
-        _write(w, grads)
-        return stats
+    def _writes_early(self, w, grads) -> bool:
+        """Whether the direction is written before the step's read: nothing needs ``.grad`` left as
+        it was on a skipped step (a grad scaler does; without one a skipped step sets ``.grad`` to
+        ``None``) and ``w`` fits the ``.grad`` dtypes without a read (no half-precision ``.grad``)."""
+        scaler = self.grad_scaler is not None and self.grad_scaler.is_enabled()
+        return not scaler and fits(w, grads, read=False)
 
     def _unscale(self) -> None:
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
