@@ -82,10 +82,10 @@ def reduce_step(comm: Comm, pend: _Pending, params, g: torch.Tensor, accumulatio
     g_bad = (~torch.isfinite(g)).any().to(torch.float64)
     loss = pend.loss_sum.to(g.device) if isinstance(pend.loss_sum, torch.Tensor) else g_bad.new_zeros(())
     cc, t = pend.cc, pend.t
-    if pend.refresh and t is None:  # no backward ran (non-finite outputs): zeros for the reduction
-        t = torch.zeros(cc.shape[0], sum(p.numel() for p in params), dtype=g.dtype, device=g.device)
     t_factor = pend.factor
     if comm.active and comm.world_size > 1:
+        if pend.refresh and t is None:  # no backward ran (non-finite outputs): zeros for the collective
+            t = torch.zeros(cc.shape[0], sum(p.numel() for p in params), dtype=g.dtype, device=g.device)
         if pend.refresh:  # each rank scaled its cotangents by its own batch size: undo before the sum
             cc, t = comm.sum_all([cc, t / t_factor])
             t_factor = 1.0
