@@ -100,3 +100,19 @@ def test_max_abs_over_several_arrays_in_one_read(backend):
 def test_pow2_below_brackets_the_value(value):
     c = _backend.pow2_below(value)
     assert c <= value < 2 * c and np.log2(c) == int(np.log2(c))
+
+
+def test_pow2_below_array_is_the_host_rule_on_the_device(backend):
+    """The device form of ``pow2_below``: the same power of two (bit for bit, so dividing by it is
+    exact) for values across the dtype's range, subnormals and near-powers of two included, and 1
+    where the value is 0, NaN or Inf."""
+    xp = backend.xp
+    info = np.finfo(np.float64 if backend.is_float64 else np.float32)
+    values = [1.0, 3.0, 0.75, 2.0 * (1 - info.eps), float(info.smallest_normal) / 8, float(info.max),
+              float(info.smallest_normal), 0.75 * float(info.max)]
+    flushed = float(backend.to_numpy(backend.asarray(values[4]) * 1.0)) == 0  # XLA's CPU flushes subnormals
+    for v in values[:4] + values[5:] if flushed else values:
+        got = float(backend.to_numpy(_backend.pow2_below_array(xp, backend.asarray(v))))
+        assert got == _backend.pow2_below(v), v
+    for v in (0.0, np.nan, np.inf, -np.inf):
+        assert float(backend.to_numpy(_backend.pow2_below_array(xp, backend.asarray(v)))) == 1.0

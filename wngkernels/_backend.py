@@ -367,6 +367,20 @@ def pow2_below(value: float) -> float:
     return math.ldexp(1.0, math.frexp(value)[1] - 1)
 
 
+def pow2_below_array(xp, value):
+    """:func:`pow2_below` left on the device: a 0-d ``float64`` array, the power of two ``c`` with
+    ``c <= value < 2c`` where the 0-d ``value`` is finite and ``> 0``, and ``1`` where it is 0, NaN
+    or Inf. Reads nothing back. ``2.0 ** k`` is exact for integer ``k``; ``log2`` may round across
+    an integer next to a power of two, which one halving and one doubling correct (``k`` is kept
+    below 1024, so that ``2.0 ** k`` is finite)."""
+    v = xp.astype(value, xp.float64)
+    v = xp.where(xp.isfinite(v) & (v > 0), v, 1.0)
+    c = 2.0 ** xp.minimum(xp.floor(xp.log2(v)), 1023.0)
+    c = xp.where(c > v, c * 0.5, c)
+    with ignore_overflow():  # 2c overflows only next to the largest float64, where c is kept
+        return xp.where(c * 2.0 <= v, c * 2.0, c)
+
+
 def float_pair(x, y, names: tuple[str, str] = ("x", "y"), check_finite: bool = True):
     """Validate ``(n, d)`` and ``(m, d)`` arrays of one library and device.
 

@@ -124,7 +124,7 @@ class AuthorsRule:
         y, x = xp.astype(y, work), xp.astype(x, work)
         big = xp.astype(xp.maximum(xp.max(xp.abs(y)), xp.max(xp.abs(x))), xp.float64)
         usable = xp.isfinite(big) & (big > 0)
-        c = 2.0 ** xp.floor(xp.log2(xp.where(usable, big, 1.0)))  # a power of two: exact to divide by
+        c = _backend.pow2_below_array(xp, big)  # a power of two: exact to divide by
         y, x = y / xp.astype(c, work), x / xp.astype(c, work)
         center = xp.mean(x, axis=0)
         mean_sq = xp.astype(self._mean_square(xp, y, center, xp.mean(xp.sum((x - center) ** 2, axis=1))),

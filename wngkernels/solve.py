@@ -227,7 +227,13 @@ def _damping_from_whitened(xp, t_white, floor: float):
     out = _backend.result_float_dtype(xp, t_white)
     work = _backend.work_dtype(xp, out)
     t_white = t_white if t_white.dtype == work else xp.astype(t_white, work)
-    norms = _column_norms(xp, t_white)
+    return _damping_of_norms(xp, _column_norms(xp, t_white), floor, out)
+
+
+def _damping_of_norms(xp, norms, floor: float, out):
+    """``1/(n + floor)`` where the column norm ``n > 0``, ``0`` elsewhere (zero or NaN), in ``out``:
+    :func:`damping_from_whitened` from norms taken elsewhere (the PyTorch preconditioner's are
+    accumulated in float64, exact without a read)."""
     # 1/(n + floor) <= 1/floor: representable for any floor the dtype holds
     inv = 1.0 / (xp.where(norms > 0, norms, 1.0) + floor)
     return xp.astype(xp.where(norms > 0, inv, 0.0), out)
@@ -349,9 +355,9 @@ class WhitenedSolver:
         whose second pass lives in ``F``. ``None`` in the primal form, where ``V`` spans ``R^q``.
     excluded : array of bool, shape (q,), or None
         Where ``D_jj = 0``; ``None`` when no parameter is excluded (the rule is then skipped).
-    scale : float
+    scale : array, shape ()
         ``τ``: a power of two within a factor 2 of the largest entry of ``S`` (``1`` if ``S`` is
-        zero or not finite).
+        zero or not finite), left on the device.
     """
 
     factor: Any
@@ -359,7 +365,7 @@ class WhitenedSolver:
     root: Any
     span: Any
     excluded: Any = None
-    scale: float = 1.0
+    scale: Any = 1.0
 
     @property
     def vectors(self):
@@ -419,8 +425,7 @@ class WhitenedSolver:
             # (a plain matrix–vector product: the blocked form of _gram gains nothing for one vector on
             # GPUs, and halves the speed of torch's CPU matrix–vector kernel)
             z = f.T @ (h if span is None else span.T @ h)
-            c = f @ (z / (self.values + eps / tau / tau))
-            c = c / tau / tau if tau != 1 else c
+            c = f @ (z / (self.values + eps / tau / tau)) / tau / tau
             if span is None:
                 x = c
             else:  # span·c and span·Fz (= VVᵀh) in one pass; h − VVᵀh is the cancellation, then / ε
@@ -434,18 +439,27 @@ class WhitenedSolver:
 
 
 def _check_damping(xp, damping, q: int, dtype):
-    """``damping`` ``(q,)`` in ``dtype``, finite and ``>= 0``, and whether any entry is 0 (one read)."""
+    """``damping`` ``(q,)`` in ``dtype`` with its invalid entries (NaN, Inf, negative) set to 0, and a
+    0-d flag on the device, not read here: 2 for an invalid entry, else 1 if an entry is 0, else 0
+    (:func:`_read_damping_flag`)."""
     if not _backend.in_namespace(damping, xp):
         raise TypeError(f"damping must be an array of t_white's library or None; "
                         f"got {type(damping).__name__}")
     _backend.check_shape(damping, "damping", (q,), "(q,)")
     damping = damping if damping.dtype == dtype else xp.astype(damping, dtype)
+    if q == 0:
+        return damping, None
     ok = xp.isfinite(damping) & (damping >= 0)
-    # one scalar read: 2 for a bad entry, else 1 if an entry is 0
-    flag = int(xp.max(xp.where(ok, xp.astype(damping == 0, xp.int32), 2))) if q else 0
-    if flag == 2:
+    return xp.where(ok, damping, 0.0), xp.max(xp.where(ok, xp.astype(damping == 0, xp.int32), 2))
+
+
+def _read_damping_flag(flag) -> bool:
+    """Whether an entry of the damping is 0 (one scalar read); ``ValueError`` for an invalid entry.
+    :func:`_factorize` reads it after its first decomposition, which waits for the device anyway."""
+    value = 0 if flag is None else int(flag)
+    if value == 2:
         raise ValueError("damping must be finite and >= 0 everywhere (0 excludes a parameter)")
-    return damping, flag == 1
+    return value == 1
 
 
 def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> WhitenedSolver:
@@ -495,33 +509,31 @@ def _factorize(xp, t_white, damping, form: str) -> WhitenedSolver:
     m, q = t_white.shape
     work = _backend.work_dtype(xp, _backend.result_float_dtype(xp, t_white))
     t_white = t_white if t_white.dtype == work else xp.astype(t_white, work)
-    root = excluded = None
+    root = flag = None
     if damping is not None:
-        damping, any_zero = _check_damping(xp, damping, q, work)
+        damping, flag = _check_damping(xp, damping, q, work)
         root = xp.sqrt(damping)
-        excluded = (damping == 0) if any_zero else None
-    # τ = max |S| before S is formed: S = T̃ D^{1/2} is then written once, already divided by τ (a power
-    # of two: bit for bit what dividing afterwards gives), where forming, reading and dividing took 3 passes
-    if root is None or q == 0:
-        tau = _backend.max_abs(xp, t_white)
+    # τ = max |S| before S is formed, left on the device (nothing is read before the first
+    # decomposition): S = T̃ D^{1/2} is then written once, already divided by τ (a power of two: bit
+    # for bit what dividing afterwards gives); NaN or Inf in S leaves τ = 1 (see the module notes)
+    if q == 0:
+        top = xp.zeros((), dtype=work, device=_backend.device(t_white))
+    elif root is None:
+        top = xp.maximum(xp.max(t_white), -xp.min(t_white))
     else:
-        col_max = xp.maximum(xp.max(t_white, axis=0), -xp.min(t_white, axis=0))  # NaN stays NaN
-        tau = float(xp.max(col_max * root))
-    if 0 < tau < math.inf:  # non-finite S (see the module notes) is left to the decomposition
-        tau = _backend.pow2_below(tau)
-        s = t_white / tau if root is None else t_white * (root / tau)[None, :]
-    else:
-        tau = 1.0
-        s = t_white if root is None else t_white * root[None, :]
+        top = xp.max(xp.maximum(xp.max(t_white, axis=0), -xp.min(t_white, axis=0)) * root)  # NaN stays NaN
+    tau = xp.astype(_backend.pow2_below_array(xp, top), work)
+    s = t_white / tau if root is None else t_white * (root / tau)[None, :]
     if form == "primal" or (form == "auto" and q <= m):
         mu, factor = xp.linalg.eigh(s.T @ s)  # V
-        span = None
-    else:
-        if form == "dual-qr":
-            span, w = xp.linalg.qr(s.T)[0], None  # Q (q, M)
-        else:  # Q = span·w, span the transposed view of row-major rows (M, q)
-            rows, w = _orthonormal_rows(xp, s)
-            span = rows.T
+        span = w = None
+    elif form == "dual-qr":
+        span, w = xp.linalg.qr(s.T)[0], None  # Q (q, M)
+    else:  # Q = span·w, span the transposed view of row-major rows (M, q)
+        rows, w = _orthonormal_rows(xp, s)
+        span = rows.T
+    excluded = (damping == 0) if _read_damping_flag(flag) else None
+    if span is not None:
         b = _gram(xp, s, span.T)  # (M, M): S·span, then SQ = b w, and QᵀSᵀSQ = bᵀb
         b = b if w is None else b @ w
         mu, u = xp.linalg.eigh(b.T @ b)

@@ -520,6 +520,62 @@ def test_a_step_between_refreshes_reads_the_device_once(monkeypatch):
     assert len(set(eps[:3])) == 1 and len(set(eps[3:6])) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_what_a_refresh_reads_after_the_batched_backward(monkeypatch, dtype):
+    """After the batched backward, a float32 refresh queues the damping, ``τ``, ``S`` and the first
+    Gram matrix without reading the device (on a GPU they are launched while the backward runs): the
+    damping's flag is read only after the first eigen-decompositions, which wait for the device
+    anyway, and the step's values once at the end. Float64 ``T̃`` reads the column norms' check first
+    (the core's: float64 squares can underflow). The direction is the core's either way."""
+    import array_api_compat.torch as xt
+
+    model, x = make_model("mlp", dtype)
+    y = torch.randn(x.shape[0], dtype=dtype)
+    kwng = KWNG(model.parameters(), eps=1e-3, clip_norm=None, adaptive_eps=False, generator=0)
+    out = model(x)
+    kwng._capture(out, _loss(out, y), None, fuse=True)
+    g = _grads(model.parameters()).clone()
+    reads = []
+    real_eigh = xt.linalg.eigh
+    with monkeypatch.context() as m:
+        _counting_reads(m, reads)
+        m.setattr(xt.linalg, "eigh", lambda a: reads.append("eigh") or real_eigh(a))
+        assert kwng.step()
+    first = [] if dtype == torch.float32 else ["__bool__"]
+    assert reads == first + ["eigh", "eigh", "__int__", "eigh", "tolist"]
+    samples, jac = dense_jacobian(model, x, list(model.parameters()))
+    want = kwng_direction(g.double(), samples.double(), kernel=kwng.last_kernel, basis=kwng.last_basis,
+                          eps=1e-3, damping="jacobian", jacobian=jac.double())
+    assert rel_err(to_np(_grads(model.parameters())).astype(np.float64), to_np(want)) < (
+        1e-4 if dtype == torch.float32 else 1e-10)
+
+
+def test_jacobian_damping_is_exact_for_any_float32_column_without_a_read(monkeypatch):
+    """The preconditioner's ``D = 1/(‖T̃_j‖ + floor)`` for float32 ``T̃`` takes its column norms in
+    float64, with no read: columns whose squares under- or overflow float32 (tiny, subnormal, huge)
+    get the norm of the float64 computation, a zero or non-finite column gets 0 (excluded), as the
+    core's scaled path gives them."""
+    from wngkernels import damping_from_whitened
+    from wngkernels.torch._direction import jacobian_damping
+
+    rng = np.random.default_rng(0)
+    cols = [rng.normal(size=5), 1e-30 * rng.normal(size=5), np.full(5, 1e-44), 1e30 * rng.normal(size=5),
+            np.zeros(5), np.r_[3e38, np.zeros(4)], np.r_[np.nan, np.ones(4)], np.r_[np.inf, np.ones(4)],
+            np.r_[1e-40, 0.0, 0.0, 0.0, 2e-45]]
+    t = np.stack(cols, axis=1).astype(np.float32)
+    reads = []
+    with monkeypatch.context() as m:
+        _counting_reads(m, reads)
+        got = jacobian_damping(torch.from_numpy(t), 1e-8)
+    assert reads == [] and got.dtype == torch.float32
+    n = np.sqrt(np.sum(t.astype(np.float64) ** 2, axis=0))
+    want = np.where(np.isfinite(n) & (n > 0), 1.0 / (np.where(n > 0, n, 1.0) + 1e-8), 0.0)
+    np.testing.assert_allclose(got.numpy(), want.astype(np.float32), rtol=1e-6, atol=0)
+    core = damping_from_whitened(torch.from_numpy(t), floor=1e-8).numpy()
+    np.testing.assert_allclose(got.numpy(), core, rtol=1e-6, atol=0)
+    assert (got.numpy() == 0).tolist() == [False, False, False, False, True, False, True, True, False]
+
+
 def test_schedules_are_called_with_the_step_and_stored_as_values():
     model, x = make_model("mlp", torch.float64)
     seen = []

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from array_api_compat import array_namespace
 
-from ..solve import damping_from_whitened, factorize_whitened, solve_whitened, whiten
+from ..solve import _damping_of_norms, damping_from_whitened, factorize_whitened, solve_whitened, whiten
 from ._state import _Pending, _Refresh
 
 
@@ -61,8 +62,19 @@ def refreshed(cc, t, pend: _Pending, scale: float, *, lam: float, damping: str, 
         cc, pend, lam, lambda k: whiten(cc, t, k=k, lam=lam, scale=scale))  # its first read: max |C Cᵀ|
     if not usable:
         return None
-    dmp = damping_from_whitened(t_white, floor=floor) if damping == "jacobian" else None
+    dmp = jacobian_damping(t_white, floor) if damping == "jacobian" else None
     return _Refresh(t_white, dmp, pend.active, step)
+
+
+def jacobian_damping(t_white: torch.Tensor, floor: float) -> torch.Tensor:
+    """:func:`~wngkernels.damping_from_whitened` without a read where ``T̃`` is float32 (or
+    narrower): its column norms accumulated in float64, where no square of a float32 number
+    under- or overflows, are exact as they are, so no read decides on a scaled second pass (the
+    core's check). Wider ``T̃``: the core's function."""
+    if torch.finfo(t_white.dtype).bits > 32:
+        return damping_from_whitened(t_white, floor=floor)
+    norms = torch.linalg.vector_norm(t_white, dim=0, dtype=torch.float64)
+    return _damping_of_norms(array_namespace(t_white), norms, floor, t_white.dtype)
 
 
 def checked_whitening(cc, pend: _Pending, lam: float, whitening):
