@@ -375,7 +375,10 @@ def pow2_below_array(xp, value):
     below 1024, so that ``2.0 ** k`` is finite)."""
     v = xp.astype(value, xp.float64)
     v = xp.where(xp.isfinite(v) & (v > 0), v, 1.0)
-    c = 2.0 ** xp.minimum(xp.floor(xp.log2(v)), 1023.0)
+    k = xp.floor(xp.log2(v))
+    # where, not minimum: array-api-compat turns minimum's Python scalar into a tensor copied from
+    # the host, which waits for the device
+    c = 2.0 ** xp.where(k > 1023.0, 1023.0, k)
     c = xp.where(c > v, c * 0.5, c)
     with ignore_overflow():  # 2c overflows only next to the largest float64, where c is kept
         return xp.where(c * 2.0 <= v, c * 2.0, c)

@@ -239,7 +239,8 @@ def _cc_chunk(ctx: _Context, x):
     y = ctx.points
     p = y @ x.T
     xx = xp.sum(x * x, axis=1)
-    sq = xp.maximum(xp.sum(y * y, axis=1)[:, None] + xx[None, :] - 2 * p, 0.0)
+    sq = xp.sum(y * y, axis=1)[:, None] + xx[None, :] - 2 * p
+    sq = xp.where(sq < 0, 0.0, sq)  # not maximum(sq, 0.0): array-api-compat copies its scalar from the host
     x_sel = e @ x.T
     a, b = kernel._row_coefficients(xp, sq, xp.sum(y * e, axis=1)[:, None] - x_sel)
     f = (a * (xx[None, :] / 2 - p)) @ a.T + (y @ e.T) * (a @ b.T) - a @ (b * x_sel).T

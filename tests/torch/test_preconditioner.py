@@ -550,6 +550,41 @@ def test_what_a_refresh_reads_after_the_batched_backward(monkeypatch, dtype):
         1e-4 if dtype == torch.float32 else 1e-10)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize(("refresh_every", "syncs"), [(1, 7), (10, 1)])
+def test_a_cuda_step_synchronises_only_where_it_must(refresh_every, syncs):
+    """CUDA's own count of the synchronising calls of a float32 step (``set_sync_debug_mode``): an
+    exact step waits 7 times — ``max |C Cᵀ|`` and the whitening's eigen-decomposition before the
+    batched backward, the factorisation's three eigen-decompositions and the damping's flag after
+    it, the step's values at the end — and a step between refreshes once. A scalar copied from the
+    host (e.g. a Python number given to array-api-compat's ``minimum``) would add one."""
+    import warnings
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(dev)
+    x, y = torch.randn(64, 6, device=dev), torch.randint(0, 4, (64,), device=dev)
+    kwng = KWNG(model.parameters(), refresh_every=refresh_every, adaptive_eps=False, generator=0)
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        out = model(x)
+        assert kwng.precondition(out, torch.nn.functional.cross_entropy(out, y))
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert sum("synchroniz" in str(w.message) for w in caught) == syncs
+
+
 def test_jacobian_damping_is_exact_for_any_float32_column_without_a_read(monkeypatch):
     """The preconditioner's ``D = 1/(‖T̃_j‖ + floor)`` for float32 ``T̃`` takes its column norms in
     float64, with no read: columns whose squares under- or overflow float32 (tiny, subnormal, huge)
