@@ -368,20 +368,16 @@ def pow2_below(value: float) -> float:
 
 
 def pow2_below_array(xp, value):
-    """:func:`pow2_below` left on the device: a 0-d ``float64`` array, the power of two ``c`` with
-    ``c <= value < 2c`` where the 0-d ``value`` is finite and ``> 0``, and ``1`` where it is 0, NaN
-    or Inf. Reads nothing back. ``2.0 ** k`` is exact for integer ``k``; ``log2`` may round across
-    an integer next to a power of two, which one halving and one doubling correct (``k`` is kept
-    below 1024, so that ``2.0 ** k`` is finite)."""
+    """:func:`pow2_below` left on the device, reading nothing back: a 0-d ``float64`` array, a power
+    of two ``c`` with ``c <= value < 2c`` where the 0-d ``value`` is finite and ``> 0`` (``log2`` may
+    round up to an integer next to a power of two: then ``c`` exceeds ``value`` by that rounding, still
+    a power of two, which is all that dividing by it exactly needs), and ``1`` where ``value`` is 0,
+    NaN or Inf. ``c`` stays below 2¹⁰²⁴ (finite)."""
     v = xp.astype(value, xp.float64)
-    v = xp.where(xp.isfinite(v) & (v > 0), v, 1.0)
-    k = xp.floor(xp.log2(v))
+    k = xp.floor(xp.log2(xp.where(xp.isfinite(v) & (v > 0), v, 1.0)))
     # where, not minimum: array-api-compat turns minimum's Python scalar into a tensor copied from
     # the host, which waits for the device
-    c = 2.0 ** xp.where(k > 1023.0, 1023.0, k)
-    c = xp.where(c > v, c * 0.5, c)
-    with ignore_overflow():  # 2c overflows only next to the largest float64, where c is kept
-        return xp.where(c * 2.0 <= v, c * 2.0, c)
+    return 2.0 ** xp.where(k > 1023.0, 1023.0, k)
 
 
 def float_pair(x, y, names: tuple[str, str] = ("x", "y"), check_finite: bool = True):
