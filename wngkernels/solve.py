@@ -439,9 +439,9 @@ class WhitenedSolver:
 
 
 def _check_damping(xp, damping, q: int, dtype):
-    """``damping`` ``(q,)`` in ``dtype`` with its invalid entries (NaN, Inf, negative) set to 0, and a
-    0-d flag on the device, not read here: 2 for an invalid entry, else 1 if an entry is 0, else 0
-    (:func:`_read_damping_flag`)."""
+    """``damping`` ``(q,)`` in ``dtype`` and a 0-d flag on the device, not read here: 2 for an invalid
+    entry (NaN, Inf, negative), else 1 if an entry is 0, else 0 (:func:`_read_damping_flag`). Two
+    passes over ``damping`` (its smallest and largest entries: NaN propagates through both)."""
     if not _backend.in_namespace(damping, xp):
         raise TypeError(f"damping must be an array of t_white's library or None; "
                         f"got {type(damping).__name__}")
@@ -449,8 +449,9 @@ def _check_damping(xp, damping, q: int, dtype):
     damping = damping if damping.dtype == dtype else xp.astype(damping, dtype)
     if q == 0:
         return damping, None
-    ok = xp.isfinite(damping) & (damping >= 0)
-    return xp.where(ok, damping, 0.0), xp.max(xp.where(ok, xp.astype(damping == 0, xp.int32), 2))
+    low, high = xp.min(damping), xp.max(damping)
+    valid = (low >= 0) & (high < math.inf)  # False for NaN
+    return damping, xp.where(valid, xp.astype(low == 0, xp.int32), 2)
 
 
 def _read_damping_flag(flag) -> bool:
@@ -512,7 +513,8 @@ def _factorize(xp, t_white, damping, form: str) -> WhitenedSolver:
     root = flag = None
     if damping is not None:
         damping, flag = _check_damping(xp, damping, q, work)
-        root = xp.sqrt(damping)
+        with _backend.ignore_overflow():  # a negative entry: NaN, refused after the first decomposition
+            root = xp.sqrt(damping)
     # τ = max |S| before S is formed, left on the device (nothing is read before the first
     # decomposition): S = T̃ D^{1/2} is then written once, already divided by τ (a power of two: bit
     # for bit what dividing afterwards gives); NaN or Inf in S leaves τ = 1 (see the module notes)
@@ -524,14 +526,18 @@ def _factorize(xp, t_white, damping, form: str) -> WhitenedSolver:
         top = xp.max(xp.maximum(xp.max(t_white, axis=0), -xp.min(t_white, axis=0)) * root)  # NaN stays NaN
     tau = xp.astype(_backend.pow2_below_array(xp, top), work)
     s = t_white / tau if root is None else t_white * (root / tau)[None, :]
-    if form == "primal" or (form == "auto" and q <= m):
-        mu, factor = xp.linalg.eigh(s.T @ s)  # V
-        span = w = None
-    elif form == "dual-qr":
-        span, w = xp.linalg.qr(s.T)[0], None  # Q (q, M)
-    else:  # Q = span·w, span the transposed view of row-major rows (M, q)
-        rows, w = _orthonormal_rows(xp, s)
-        span = rows.T
+    try:
+        if form == "primal" or (form == "auto" and q <= m):
+            mu, factor = xp.linalg.eigh(s.T @ s)  # V
+            span = w = None
+        elif form == "dual-qr":
+            span, w = xp.linalg.qr(s.T)[0], None  # Q (q, M)
+        else:  # Q = span·w, span the transposed view of row-major rows (M, q)
+            rows, w = _orthonormal_rows(xp, s)
+            span = rows.T
+    except Exception:  # an invalid damping (NaN in S) may fail the decomposition: its ValueError first
+        _read_damping_flag(flag)
+        raise
     excluded = (damping == 0) if _read_damping_flag(flag) else None
     if span is not None:
         b = _gram(xp, s, span.T)  # (M, M): S·span, then SQ = b w, and QᵀSᵀSQ = bᵀb

@@ -140,11 +140,19 @@ def test_direction_is_clipped_to_clip_norm():
     np.testing.assert_allclose(to_np(_grads(model.parameters())), to_np(w * 0.5 / w.norm()), rtol=1e-12)
 
 
+def _nan_t(real, num_basis=5):
+    """``_rows_from_grads`` with ``T``'s rows NaN: the loss's row (fused into the backward) stays finite."""
+    def rows_from_grads(*args, **kwargs):
+        rows = real(*args, **kwargs).clone()
+        rows[:num_basis] = math.nan
+        return rows
+    return rows_from_grads
+
+
 def test_falls_back_to_g_on_injected_nan_in_t(monkeypatch):
     model, x = make_model("mlp", torch.float64)
     y = torch.randn(x.shape[0], dtype=torch.float64)
-    real = capture._rows_from_grads  # T's rows only: the loss's row (fused into the backward) stays finite
-    monkeypatch.setattr(capture, "_rows_from_grads", lambda *a, **k: real(*a, **k) * math.nan)
+    monkeypatch.setattr(capture, "_rows_from_grads", _nan_t(capture._rows_from_grads))
     kwng = KWNG(model.parameters(), clip_norm=None, generator=0)
     out = model(x)
     assert kwng.precondition(out, _loss(out, y))
@@ -310,8 +318,7 @@ def test_the_direction_written_before_the_read_is_the_one_written_after_it(monke
             if case == "uphill":
                 m.setattr(pre.KWNG, "_direction", lambda self, cache, g, params, present: -g)
             elif case == "nan-t":
-                real = capture._rows_from_grads
-                m.setattr(capture, "_rows_from_grads", lambda *a, **k: real(*a, **k) * math.nan)
+                m.setattr(capture, "_rows_from_grads", _nan_t(capture._rows_from_grads))
             torch.manual_seed(0)
             model, x = make_model("mlp", torch.float64)
             y = 10 * torch.randn(x.shape[0], dtype=torch.float64)

@@ -155,13 +155,21 @@ class _Capture:
         # "auto" settles on the mode that worked the first time, so later passes can free the graph
         grads, self._vjp_used = batched_vjp(outs, pieces, params, vjp_mode=self._vjp_used or self.vjp_mode,
                                             retain_graph=not fused)
-        t_grads = [None if g is None else g[:m] for g in grads]
-        t = _rows_from_grads(t_grads, params, m, dtype)
+        # one copy of every row, the loss's too: T's rows, and the loss's row whose pieces become .grad
+        rows_all = _rows_from_grads(grads if fused else [None if g is None else g[:m] for g in grads],
+                                    params, m + fused, dtype)
+        t = rows_all[:m]
         pend.t = t if pend.t is None else pend.t + t
         if fused:
-            for p, g in zip(params, grads, strict=True):
-                if g is not None:
-                    p.grad = g[m].clone() if p.grad is None else p.grad + g[m]
+            pieces = torch.split(rows_all[m], [p.numel() for p in params])
+            for p, g, v in zip(params, grads, pieces, strict=True):
+                if g is None:
+                    continue
+                v = v.view_as(p)
+                if p.grad is not None:
+                    p.grad = p.grad + v.to(p.grad.dtype)
+                else:  # a view of the copied row where the dtypes agree (no copy per parameter)
+                    p.grad = v if v.dtype == p.dtype else v.to(p.dtype)
         return fused
 
     @staticmethod

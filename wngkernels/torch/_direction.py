@@ -73,7 +73,8 @@ def jacobian_damping(t_white: torch.Tensor, floor: float) -> torch.Tensor:
     core's check). Wider ``T̃``: the core's function."""
     if torch.finfo(t_white.dtype).bits > 32:
         return damping_from_whitened(t_white, floor=floor)
-    norms = torch.linalg.vector_norm(t_white, dim=0, dtype=torch.float64)
+    # rounded to T̃'s dtype, as the core's are (a norm beyond its range is Inf there too: D = 0)
+    norms = torch.linalg.vector_norm(t_white, dim=0, dtype=torch.float64).to(t_white.dtype)
     return _damping_of_norms(array_namespace(t_white), norms, floor, t_white.dtype)
 
 
