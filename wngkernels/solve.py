@@ -504,9 +504,11 @@ def factorize_whitened(t_white, *, damping=None, form: str = "auto") -> Whitened
     return _factorize(xp, t_white, damping, form)
 
 
-def _factorize(xp, t_white, damping, form: str) -> WhitenedSolver:
+def _factorize(xp, t_white, damping, form: str, s_bound=None) -> WhitenedSolver:
     """:func:`factorize_whitened` on a validated 2-D ``t_white`` and ``form`` (``damping``'s type,
-    shape and values are checked here: its zeros are read anyway)."""
+    shape and values are checked here: its zeros are read anyway). ``s_bound``: a 0-d bound of
+    ``max |S|``, at most a small factor above it (the PyTorch preconditioner's, from the column
+    norms it took for the damping), which ``τ`` is then taken from instead of ``S``'s entries."""
     m, q = t_white.shape
     work = _backend.work_dtype(xp, _backend.result_float_dtype(xp, t_white))
     t_white = t_white if t_white.dtype == work else xp.astype(t_white, work)
@@ -520,6 +522,8 @@ def _factorize(xp, t_white, damping, form: str) -> WhitenedSolver:
     # for bit what dividing afterwards gives); NaN or Inf in S leaves τ = 1 (see the module notes)
     if q == 0:
         top = xp.zeros((), dtype=work, device=_backend.device(t_white))
+    elif s_bound is not None:
+        top = s_bound
     elif root is None:
         top = xp.maximum(xp.max(t_white), -xp.min(t_white))
     else:

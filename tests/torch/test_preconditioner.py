@@ -606,7 +606,8 @@ def test_jacobian_damping_is_exact_for_any_float32_column_without_a_read(monkeyp
     """The preconditioner's ``D = 1/(‖T̃_j‖ + floor)`` for float32 ``T̃`` takes its column norms in
     float64, with no read: columns whose squares under- or overflow float32 (tiny, subnormal, huge)
     get the norm of the float64 computation, a zero or non-finite column gets 0 (excluded), as the
-    core's scaled path gives them."""
+    core's scaled path gives them. The bound of ``max |S|`` it gives the factorisation lies within
+    a factor ``sqrt(M)`` above it, and is NaN (no scale) where ``T̃`` is not finite."""
     from wngkernels import damping_from_whitened
     from wngkernels.torch._direction import jacobian_damping
 
@@ -618,8 +619,13 @@ def test_jacobian_damping_is_exact_for_any_float32_column_without_a_read(monkeyp
     reads = []
     with monkeypatch.context() as m:
         _counting_reads(m, reads)
-        got = jacobian_damping(torch.from_numpy(t), 1e-8)
+        got, bound = jacobian_damping(torch.from_numpy(t), 1e-8)
+        finite = t[:, np.isfinite(t).all(axis=0)]
+        d_finite, bound_finite = jacobian_damping(torch.from_numpy(finite), 1e-8)
     assert reads == [] and got.dtype == torch.float32
+    assert math.isnan(float(bound))  # NaN or Inf in T̃: no scale (the factorisation then takes τ = 1)
+    s_max = np.abs(finite.astype(np.float64) * np.sqrt(d_finite.numpy().astype(np.float64))).max()
+    assert s_max * (1 - 1e-6) <= float(bound_finite) <= math.sqrt(5) * s_max * (1 + 1e-6)  # float32 rounding
     n = np.sqrt(np.sum(t.astype(np.float64) ** 2, axis=0))
     want = np.where(np.isfinite(n) & (n > 0), 1.0 / (np.where(n > 0, n, 1.0) + 1e-8), 0.0)
     np.testing.assert_allclose(got.numpy(), want.astype(np.float32), rtol=1e-6, atol=0)

@@ -7,7 +7,14 @@ import numpy as np
 import torch
 from array_api_compat import array_namespace
 
-from ..solve import _damping_of_norms, damping_from_whitened, factorize_whitened, solve_whitened, whiten
+from ..solve import (
+    _damping_of_norms,
+    _factorize,
+    damping_from_whitened,
+    factorize_whitened,
+    solve_whitened,
+    whiten,
+)
 from ._state import _Pending, _Refresh
 
 
@@ -62,20 +69,27 @@ def refreshed(cc, t, pend: _Pending, scale: float, *, lam: float, damping: str, 
         cc, pend, lam, lambda k: whiten(cc, t, k=k, lam=lam, scale=scale))  # its first read: max |C Cᵀ|
     if not usable:
         return None
-    dmp = jacobian_damping(t_white, floor) if damping == "jacobian" else None
-    return _Refresh(t_white, dmp, pend.active, step)
+    if damping != "jacobian":
+        return _Refresh(t_white, None, pend.active, step)
+    dmp, bound = jacobian_damping(t_white, floor)
+    return _Refresh(t_white, dmp, pend.active, step, s_bound=bound)
 
 
-def jacobian_damping(t_white: torch.Tensor, floor: float) -> torch.Tensor:
+def jacobian_damping(t_white: torch.Tensor, floor: float):
     """:func:`~wngkernels.damping_from_whitened` without a read where ``T̃`` is float32 (or
     narrower): its column norms accumulated in float64, where no square of a float32 number
     under- or overflows, are exact as they are, so no read decides on a scaled second pass (the
-    core's check). Wider ``T̃``: the core's function."""
+    core's check). Wider ``T̃``: the core's function.
+
+    Returns ``D`` and, from the same norms (float32 ``T̃`` only, else ``None``), the 0-d bound
+    ``max_j ‖T̃_j‖ D_jj^{1/2}`` of ``max |S|`` (``S = T̃ D^{1/2}``; within a factor ``sqrt(M)`` of it)
+    that the factorisation scales ``S`` by instead of reading ``T̃`` twice for its column maxima."""
     if torch.finfo(t_white.dtype).bits > 32:
-        return damping_from_whitened(t_white, floor=floor)
+        return damping_from_whitened(t_white, floor=floor), None
     # rounded to T̃'s dtype, as the core's are (a norm beyond its range is Inf there too: D = 0)
     norms = torch.linalg.vector_norm(t_white, dim=0, dtype=torch.float64).to(t_white.dtype)
-    return _damping_of_norms(array_namespace(t_white), norms, floor, t_white.dtype)
+    dmp = _damping_of_norms(array_namespace(t_white), norms, floor, t_white.dtype)
+    return dmp, torch.max(norms * torch.sqrt(dmp)) if norms.numel() else None
 
 
 def checked_whitening(cc, pend: _Pending, lam: float, whitening):
@@ -110,8 +124,11 @@ def cached_direction(c: _Refresh | None, g, params, present, eps: float):
             try:
                 # the stable dual form: the authors' Woodbury form, tried, fell back to g
                 # 10 times a run on the seed's ResNet-18 (H100, float32; docs/benchmarks.md)
-                solver = factorize_whitened(tw.to(g.dtype),
-                                            damping=None if dmp is None else dmp.to(g.dtype))
+                if tw.dtype == g.dtype and c.s_bound is not None:  # S's scale from the damping's norms
+                    solver = _factorize(array_namespace(tw), tw, dmp, "auto", s_bound=c.s_bound)
+                else:
+                    solver = factorize_whitened(tw.to(g.dtype),
+                                                damping=None if dmp is None else dmp.to(g.dtype))
             except (torch.linalg.LinAlgError, ValueError):  # a non-finite T: the step falls back to g
                 return None
             c.solver = solver

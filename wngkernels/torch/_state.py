@@ -188,6 +188,7 @@ class _Refresh:
     active: tuple[int, ...]  # the parameters it was computed for
     step: int
     solver: WhitenedSolver | None = None  # factorised at the first full solve
+    s_bound: torch.Tensor | None = None  # max_j ‖T̃_j‖ D_jj^{1/2} >= max |S| (τ's source), or None
 
 
 class _Reduced(NamedTuple):
