@@ -125,7 +125,7 @@ _SOLVER = wk.factorize_whitened(jnp.asarray(np.eye(3, 2)))
         pytest.param(lambda x: Gaussian(1.0)(x, x), id="kernel-matrix"),
         pytest.param(lambda x: wk.cc_gram(x, kernel=Gaussian(1.0), basis=wk.NystromBasis.exact(4, 2)),
                      id="cc_gram"),
-        pytest.param(lambda x: wk.factorize_whitened(x), id="factorize_whitened"),
+        pytest.param(lambda x: wk.factorize_whitened(x, damping=jnp.ones(2)), id="factorize_whitened"),
         pytest.param(lambda x: _SOLVER.solve(x[0, :], 0.1), id="solve-with-check_finite"),
     ],
 )
