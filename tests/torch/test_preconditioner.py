@@ -13,7 +13,14 @@ torch = pytest.importorskip("torch")
 
 import wngkernels.torch._capture as capture  # noqa: E402
 import wngkernels.torch.preconditioner as pre  # noqa: E402
-from wngkernels import AuthorsRule, Gaussian, NystromBasis, kwng_direction, solve_whitened  # noqa: E402
+from wngkernels import (  # noqa: E402
+    AuthorsRule,
+    Gaussian,
+    NystromBasis,
+    RationalQuadratic,
+    kwng_direction,
+    solve_whitened,
+)
 from wngkernels.torch import KWNG  # noqa: E402
 
 from .helpers import DEVICES, MODELS, dense_jacobian, make_model, rel_err, to_np  # noqa: E402
@@ -610,6 +617,41 @@ def test_a_cuda_step_synchronises_only_where_it_must(monkeypatch, refresh_every)
     assert syncs == len(calls), "\n".join([str(calls)] + sites)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kernel", [None, Gaussian(0.7), RationalQuadratic(AuthorsRule(), alpha=2.0)],
+                         ids=["authors-rule", "fixed", "rational-quadratic"])
+def test_cuda_graphs_give_the_eager_numbers(kernel):
+    """The refresh's first device work replayed from a CUDA graph gives the eager numbers bit for
+    bit, step after step (the basis redrawn each time, a short batch taking a graph of its own,
+    non-finite outputs dropping the refresh in both), and a graph was indeed replayed."""
+    runs = {}
+    for graphs in (True, False):
+        torch.manual_seed(0)
+        dev = torch.device("cuda")
+        model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.BatchNorm1d(32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 4)).to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        kwng = KWNG(model.parameters(), kernel=kernel, optimizer=opt, generator=0, cuda_graphs=graphs)
+        seen = []
+        for step in range(6):
+            n = 40 if step == 3 else 64
+            x, y = torch.randn(n, 6, device=dev), torch.randint(0, 4, (n,), device=dev)
+            opt.zero_grad()
+            out = model(x)
+            if step == 4:
+                out = out + torch.where(torch.arange(n, device=dev)[:, None] == 0, math.inf, 0.0)
+            assert kwng.precondition(out, torch.nn.functional.cross_entropy(out, y))
+            seen.append((_grads(model.parameters()).clone(), kwng.last_kernel.bandwidth, kwng.current_eps()))
+            opt.step()
+        runs[graphs] = seen, kwng
+    (on, kwng_on), (off, kwng_off) = runs[True], runs[False]
+    for (g_on, ell_on, eps_on), (g_off, ell_off, eps_off) in zip(on, off, strict=True):
+        assert torch.equal(g_on, g_off) and ell_on == ell_off and eps_on == eps_off
+    assert kwng_off._graphs is None
+    captured = [e for e in kwng_on._graphs._graphs.values() if e[0] is not None]
+    assert len(captured) == 2  # the batch of 64 and the short one
+
+
 def test_jacobian_damping_is_exact_for_any_float32_column_without_a_read(monkeypatch):
     """The preconditioner's ``D = 1/(‖T̃_j‖ + floor)`` for float32 ``T̃`` takes its column norms in
     float64, with no read: columns whose squares under- or overflow float32 (tiny, subnormal, huge)
@@ -742,6 +784,7 @@ def test_param_groups_and_shared_parameters():
         (dict(eps_bounds=(1.0, 0.1)), ValueError, "eps_bounds must be"),
         (dict(window=0), ValueError, "window must be an int >= 1"),
         (dict(kernel="gaussian"), TypeError, "kernel must be a wngkernels Kernel"),
+        (dict(cuda_graphs="yes"), TypeError, "cuda_graphs must be a bool"),
         (dict(grad_scaler=object()), ValueError, "grad_scaler needs optimizer="),
         (dict(vjp_mode="fast"), ValueError, "vjp_mode must be"),
         (dict(eps="small"), TypeError, "eps must be a float or a callable"),

@@ -26,6 +26,7 @@ from ._batched import (
     grad_only_through,
 )
 from ._direction import checked_whitening
+from ._graphs import kernel_rows
 from ._state import _Pending
 
 
@@ -84,9 +85,10 @@ class _Capture:
         self._draws.set_state(pend.rng_state)
 
     def _accumulate(self, pend, outputs, x, xd, loss, basis, params, dtype, fuse) -> bool:
+        rows = None
         if self._pending is None:
             if pend.refresh:
-                self._draw(pend, xd, basis)
+                rows = self._draw(pend, xd, basis)
             self._pending = pend
         pend.count += 1
         pend.n += x.shape[0]
@@ -99,8 +101,9 @@ class _Capture:
                     f"outputs must have d = {pend.points.shape[1]} features per sample in every "
                     f"micro-batch; got {xd.shape[1]}"
                 )
-            rows = _kernel_rows(pend, xd)
-            pend.cc += _gram_of_rows(array_namespace(xd), rows)
+            if rows is None:  # else the draw's graph gave them, and C Cᵀ
+                rows = _kernel_rows(pend, xd)
+                pend.cc += _gram_of_rows(array_namespace(xd), rows)
             if self._whitens_cotangents(outputs):
                 rows = self._whitened(pend, rows)
                 if rows is None:  # C Cᵀ not finite (outputs, bandwidth): the refresh is dropped, g written
@@ -191,16 +194,28 @@ class _Capture:
             return 1.0
         return float(s.scale(torch.ones((), device=device)))
 
-    def _draw(self, pend: _Pending, xd: torch.Tensor, basis: NystromBasis | None) -> None:
+    def _draw(self, pend: _Pending, xd: torch.Tensor, basis: NystromBasis | None) -> torch.Tensor | None:
         """Basis points and dims (rank 0's, broadcast) and the kernel: with its bandwidth resolved,
         or (a single process, :class:`~wngkernels.AuthorsRule`) with the bandwidth left on the device
         in ``pend.ell``. A single process reads nothing here (the whitening of the cotangents, where
         it applies, reads ``max |C Cᵀ|`` later; otherwise the batched backward is queued behind the
-        forward pass without waiting for it)."""
+        forward pass without waiting for it). Returns the micro-batch's kernel rows where they came
+        with the draw (``cuda_graphs``: then ``pend.cc`` holds their ``C Cᵀ``), else ``None``."""
         comm = self._comm
         if basis is None:
             basis = nystrom_basis(tuple(xd.shape), self._pairs(xd), rng=self._draws.rng())
         dev = xd.device
+        rule = self.kernel.bandwidth
+        if self._graphs is not None and self._graphed(xd, rule):
+            pairs = _to_device(np.concatenate([basis.indices, basis.dims]), dev)  # one copy for both
+            m = basis.num_basis
+            pend.points, pend.onehot, pend.ell, rows, pend.cc = self._graphs(self.kernel, xd, pairs)
+            pend.dims, pend.kernel, self.last_basis = pairs[m:], self.kernel, basis
+            if pend.ell is not None:
+                self._last_pending = (self.kernel, pend.ell)
+            else:
+                self._last_kernel, self._last_pending = self.kernel, None
+            return rows
         points = xd.index_select(0, _to_device(basis.indices, dev))
         dims = _to_device(basis.dims, dev)
         group = comm.active and comm.world_size > 1
@@ -212,7 +227,6 @@ class _Capture:
         pend.points, pend.dims = points, dims
         pend.onehot = (dims[:, None] == torch.arange(xd.shape[1], device=dev)).to(xd.dtype)  # E (M, d)
         self.last_basis = basis
-        rule = self.kernel.bandwidth
         if not group and (isinstance(rule, AuthorsRule) or not callable(rule)):
             # non-finite outputs make ℓ NaN, and the rows NaN (_kernel_rows): the refresh is dropped
             pend.kernel = self.kernel
@@ -221,17 +235,30 @@ class _Capture:
                 self._last_pending = (self.kernel, pend.ell)
             else:
                 self._last_kernel, self._last_pending = self.kernel, None
-            return
+            return None
         finite = torch.isfinite(xd).all().to(xd.dtype).reshape(1)
         if float(comm.sum_(finite)) < comm.world_size:
             pend.bad = True
-            return
+            return None
         try:
             pend.kernel = self._resolve(points, xd)
         except ValueError:  # e.g. all outputs equal: the bandwidth rule gives 0
             pend.bad = True
-            return
+            return None
         self._last_kernel, self._last_pending = pend.kernel, None
+        return None
+
+    def _graphed(self, xd: torch.Tensor, rule) -> bool:
+        """Whether the draw's device work runs from a CUDA graph: CUDA outputs, one process, one
+        micro-batch per step, a bandwidth that stays on the device (:class:`~wngkernels.AuthorsRule`
+        or a fixed one), and no graph being captured by the caller."""
+        if xd.device.type != "cuda" or self.accumulation_steps != 1:
+            return False
+        if self._comm.active and self._comm.world_size > 1:
+            return False
+        if callable(rule) and not isinstance(rule, AuthorsRule):
+            return False
+        return not torch.cuda.is_current_stream_capturing()
 
     def _pairs(self, xd: torch.Tensor) -> int:
         """``M``, or fewer where a batch has fewer pairs ``N·d`` (a short last batch): every rank
@@ -278,16 +305,8 @@ class _Capture:
 
 
 def _kernel_rows(pend: _Pending, xd: torch.Tensor) -> torch.Tensor:
-    """The kernel's rows ``(M, n, d)`` of a micro-batch, reading nothing back: the points are rows of
-    the first micro-batch and the one-hot was built from our dims, so nothing is re-validated.
-    Non-finite outputs (in any micro-batch) make every row NaN, so that ``C Cᵀ`` is not finite and
-    the refresh is dropped after the step's read, with no read here."""
-    xp, kernel = array_namespace(xd), pend.kernel
-    if pend.ell is None:
-        rows = kernel._rows_unchecked(xp, pend.points, pend.onehot, xd, kernel.bandwidth, xd.dtype)
-    else:
-        rows = kernel._rows_deferred(xp, pend.points, pend.onehot, xd, pend.ell, xd.dtype)
-    return torch.where(torch.isfinite(xd).all(), rows, math.nan)
+    """The kernel's rows ``(M, n, d)`` of a micro-batch with the step's basis (:func:`kernel_rows`)."""
+    return kernel_rows(pend.kernel, pend.points, pend.onehot, xd, pend.ell)
 
 
 def _to_device(a, device: torch.device) -> torch.Tensor:
