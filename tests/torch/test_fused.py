@@ -140,4 +140,37 @@ def test_the_graph_walk_decides():
     # other parameters would be trained too
     assert not grad_only_through(out.square().mean(), out, list(model.head.parameters()))
     assert grad_only_through((out.square().mean() + aux.mean()), (out, aux), params)
+    assert grad_only_through((out.square().mean() + aux.mean()), (out, aux), params, every_output=True)
+    assert grad_only_through(out.square().mean(), (out, aux), params)  # aux unused: still only through
+    assert not grad_only_through(out.square().mean(), (out, aux), params, every_output=True)  # not each
     assert not grad_only_through(out.detach().sum(), out, params)
+
+
+@pytest.mark.parametrize("used", ["both", "head-only"])
+def test_a_loss_of_some_outputs_leaves_the_others_grad_as_backward_would(used):
+    """With several outputs, the loss rides on ``T``'s backward as one more root only where it reaches
+    each output; a loss of the head alone (``aux`` an output of ``T`` only) takes ``loss.backward()``,
+    so the auxiliary head's ``.grad`` stays ``None``, as without KWNG. Either way the direction is the
+    split form's (capture, ``loss.backward()``, step)."""
+    grads = {}
+    for form in ("precondition", "split"):
+        torch.manual_seed(0)
+        model = _Aux().double()
+        x = torch.randn(12, 4, dtype=torch.float64)
+        kwng = KWNG(model.parameters(), generator=0, lr=0.1, clip_norm=None)
+        out, aux = model(x)
+        loss = out.square().mean() + (aux.square().mean() if used == "both" else 0.0)
+        if form == "precondition":
+            assert kwng.precondition((out, aux), loss)
+        else:
+            kwng.capture((out, aux), loss)
+            loss.backward()
+            assert kwng.step()
+        grads[form] = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    aux_grads = [g for g, (name, _) in zip(grads["precondition"], _Aux().named_parameters(), strict=True)
+                 if name.startswith("aux")]
+    assert all((g is None) == (used == "head-only") for g in aux_grads)
+    for a, b in zip(grads["precondition"], grads["split"], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-10)

@@ -96,24 +96,29 @@ def _rows_from_grads(grads, params, m: int, dtype) -> torch.Tensor:
     return torch.cat(cols, dim=1)
 
 
-def grad_only_through(loss: torch.Tensor, outputs, params: Sequence[torch.Tensor]) -> bool:
-    """Whether ``loss.backward()`` would reach only ``params``, and those only through ``outputs``.
+def grad_only_through(loss: torch.Tensor, outputs, params: Sequence[torch.Tensor], *,
+                      every_output: bool = False) -> bool:
+    """Whether ``loss.backward()`` would reach only ``params``, and those only through ``outputs``
+    (with ``every_output``, also: through each of the outputs).
 
     Two walks of the autograd graph: from ``loss``, stopping at the outputs' nodes, it must meet
     no leaf (no ``AccumulateGrad`` node: no weight decay, auxiliary head or learned loss weight
-    in the loss); from the outputs, every leaf it meets must be one of ``params``. Then
-    ``∂loss/∂θ`` is the vector–Jacobian product of the outputs with ``∂loss/∂outputs`` and
-    nothing else would receive a gradient.
+    in the loss) (and, with ``every_output``, meet every output's node); from the outputs, every
+    leaf it meets must be one of ``params``. Then ``∂loss/∂θ`` is the vector–Jacobian product of
+    the outputs with ``∂loss/∂outputs`` and nothing else would receive a gradient.
     """
     outs = _as_output_list(outputs)
     stop = {o.grad_fn for o in outs}
     if loss.grad_fn is None or None in stop:
         return False
+    met = set()
 
     def leaves(starts, stop_at):
         seen, stack, found = set(), list(starts), []
         while stack:
             node = stack.pop()
+            if node in stop_at:
+                met.add(node)
             if node is None or node in stop_at or node in seen:
                 continue
             seen.add(node)
@@ -122,7 +127,7 @@ def grad_only_through(loss: torch.Tensor, outputs, params: Sequence[torch.Tensor
             stack.extend(fn for fn, _ in node.next_functions)
         return found
 
-    if leaves([loss.grad_fn], stop):
+    if leaves([loss.grad_fn], stop) or (every_output and met != stop):
         return False
     ids = {id(p) for p in params}
     return all(id(v) in ids for v in leaves(stop, set()))

@@ -148,15 +148,15 @@ class _Capture:
         if pend.t is None:  # one scale for every micro-batch: T accumulates without rescaling passes
             pend.factor = scale / n
         pieces = _split_cotangents(outs, rows * pend.factor)
+        roots = outs
         fused = loss is not None and self._can_fuse(loss, outs, params)
-        if fused:
-            loss_cot = torch.autograd.grad(loss, outs, retain_graph=True, allow_unused=True)
-            fused = all(c is not None for c in loss_cot)
-        if fused:
-            pieces = [torch.cat([p, (c * scale).to(p.dtype)[None]])
-                      for p, c in zip(pieces, loss_cot, strict=True)]
+        if fused:  # the loss as one more root: its row's cotangent is the scale at the loss, 0 at the outputs
+            roots = [*outs, loss]
+            pieces = [torch.cat([p, p.new_zeros((1, *p.shape[1:]))]) for p in pieces]
+            pieces.append(torch.zeros((m + 1, *loss.shape), dtype=loss.dtype, device=loss.device))
+            pieces[-1][m] = scale
         # "auto" settles on the mode that worked the first time, so later passes can free the graph
-        grads, self._vjp_used = batched_vjp(outs, pieces, params, vjp_mode=self._vjp_used or self.vjp_mode,
+        grads, self._vjp_used = batched_vjp(roots, pieces, params, vjp_mode=self._vjp_used or self.vjp_mode,
                                             retain_graph=not fused)
         # one copy of every row, the loss's too: T's rows, and the loss's row whose pieces become .grad
         rows_all = _rows_from_grads(grads if fused else [None if g is None else g[:m] for g in grads],
@@ -179,12 +179,13 @@ class _Capture:
     def _can_fuse(loss, outs, params) -> bool:
         """One backward for ``T`` and ``g`` is exact only where nothing else expects ``loss.backward()``:
         no process group (DDP's reducer hooks the gradient accumulators), no hooks on the
-        parameters, and a loss that reaches only ``params``, only through the outputs."""
+        parameters, and a loss that reaches only ``params``, only through the outputs, and each of
+        them (else ``loss.backward()`` would leave some ``.grad`` as ``None`` that the row fills)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return False
         if any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params):
             return False
-        return grad_only_through(loss, outs, params)
+        return grad_only_through(loss, outs, params, every_output=True)
 
     def _loss_scale(self, device) -> float:
         """The grad scaler's factor (1 without one); initialises a fresh scaler on ``device``, as the
