@@ -154,7 +154,7 @@ class _Capture:
             roots = [*outs, loss]
             pieces = [torch.cat([p, p.new_zeros((1, *p.shape[1:]))]) for p in pieces]
             pieces.append(torch.zeros((m + 1, *loss.shape), dtype=loss.dtype, device=loss.device))
-            pieces[-1][m] = scale
+            pieces[-1][m].fill_(scale)  # fill_, not item assignment: that copies the number from the host
         # "auto" settles on the mode that worked the first time, so later passes can free the graph
         grads, self._vjp_used = batched_vjp(roots, pieces, params, vjp_mode=self._vjp_used or self.vjp_mode,
                                             retain_graph=not fused)
