@@ -7,7 +7,8 @@ A preconditioner, not an optimizer: it rewrites each parameter's
 1. ``capture(outputs)``: draw ``M`` basis pairs from the batch (torch's default generator
    unless ``generator`` is given), resolve the bandwidth rule (on the device, without a read, for
    :class:`~wngkernels.AuthorsRule` in a single process), form the cotangents and accumulate
-   :math:`\sum_n H_nH_n^\top` (for :math:`CC^\top`) and :math:`T` from one batched backward.
+   :math:`\sum_n H_nH_n^\top` (for :math:`CC^\top`) and :math:`T` from one batched backward
+   (on CUDA the device work before that backward is replayed from a graph: ``cuda_graphs``).
    Where :math:`CC^\top` is complete before that backward (one micro-batch per step, a single
    process, no grad scaler, outputs in float32 or wider) the cotangents are whitened first
    (:func:`~wngkernels.whiten`'s ``M × M`` factor applied to them: :math:`T` is linear in its
