@@ -50,7 +50,8 @@ def kernel_rows(kernel: Kernel, points, onehot, xd: torch.Tensor, ell) -> torch.
 
 
 class RowGraphs:
-    """:func:`first_rows` captured once per shape, dtype, device and kernel, then replayed.
+    """:func:`first_rows` captured once per shape, dtype, device, kernel and autocast state, then
+    replayed.
 
     A capture that fails (an operation CUDA graphs do not allow) leaves that key to the eager
     :func:`first_rows` for good. The outputs that outlive the call (points, one-hot, ``ell``,
@@ -67,7 +68,8 @@ class RowGraphs:
     def __call__(self, kernel: Kernel, xd: torch.Tensor, pairs: torch.Tensor):
         """:func:`first_rows` for ``pairs`` ``(2M,)`` (indices, then dims) on ``xd``'s CUDA device."""
         m = pairs.shape[0] // 2
-        key = (tuple(xd.shape), xd.dtype, xd.device, m, id(kernel))
+        # under autocast the captured products take its dtype: a graph per autocast state
+        key = (tuple(xd.shape), xd.dtype, xd.device, m, id(kernel), _autocast_state())
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(kernel, xd, pairs)
@@ -101,3 +103,8 @@ class RowGraphs:
         except Exception:  # noqa: BLE001 - any failure to capture leaves the eager path
             return None, None, None, None, kernel
         return graph, static_xd, static_pairs, outs, kernel
+
+
+def _autocast_state() -> tuple:
+    """Whether CUDA autocast is on, and its dtype."""
+    return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
