@@ -942,3 +942,31 @@ def test_a_short_last_batch_uses_every_pair_and_is_counted():
                           eps=1e-3, damping="jacobian", jacobian=jac)
     assert rel_err(to_np(w), to_np(want)) < 1e-10
     assert kwng.state_dict()["num_short_batches"] == 1
+
+
+@pytest.mark.parametrize("kernel", [Gaussian(AuthorsRule()), Gaussian(0.7),
+                                    RationalQuadratic(AuthorsRule(), alpha=2.0)],
+                         ids=["authors-rule", "fixed", "rational-quadratic"])
+def test_the_graphed_function_is_the_eager_draw(kernel):
+    """``first_rows`` — what a CUDA graph captures — gives the eager draw's points, one-hot and
+    bandwidth, the kernel rows and ``C Cᵀ`` bit for bit (here on the CPU), and its rows are the
+    core's ``cross_hessian_rows`` at the bandwidth the rule gives."""
+    from wngkernels.torch._graphs import first_rows
+    from wngkernels.torch._state import _Pending
+
+    torch.manual_seed(0)
+    xd = torch.randn(32, 5, dtype=torch.float64)
+    basis = NystromBasis(np.array([3, 7, 11, 20, 31]), np.array([0, 4, 2, 2, 1]))
+    kwng = KWNG([torch.nn.Parameter(torch.zeros(3))], kernel=kernel, generator=0)
+    pend = _Pending(rng_state=None, refresh=True, active=(0,))
+    assert kwng._draw(pend, xd, basis) is None  # the eager draw on the CPU
+    eager_rows = capture._kernel_rows(pend, xd)
+    pairs = torch.from_numpy(np.concatenate([basis.indices, basis.dims]))
+    points, onehot, ell, rows, cc = first_rows(kernel, xd, pairs[:5], pairs[5:])
+    assert torch.equal(points, pend.points) and torch.equal(onehot, pend.onehot)
+    assert (ell is None) == (pend.ell is None) and (ell is None or torch.equal(ell, pend.ell))
+    assert torch.equal(rows, eager_rows)
+    assert torch.equal(cc, pend.cc + capture._gram_of_rows(capture.array_namespace(xd), eager_rows))
+    resolved = kernel if ell is None else kernel.with_bandwidth(float(ell))
+    want = resolved.cross_hessian_rows(xd[basis.indices.tolist()], basis.dims, xd)
+    np.testing.assert_allclose(to_np(rows), to_np(want), rtol=1e-12, atol=1e-14)
