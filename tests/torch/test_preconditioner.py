@@ -947,26 +947,29 @@ def test_a_short_last_batch_uses_every_pair_and_is_counted():
 @pytest.mark.parametrize("kernel", [Gaussian(AuthorsRule()), Gaussian(0.7),
                                     RationalQuadratic(AuthorsRule(), alpha=2.0)],
                          ids=["authors-rule", "fixed", "rational-quadratic"])
-def test_the_graphed_function_is_the_eager_draw(kernel):
-    """``first_rows`` — what a CUDA graph captures — gives the eager draw's points, one-hot and
-    bandwidth, the kernel rows and ``C Cᵀ`` bit for bit (here on the CPU), and its rows are the
-    core's ``cross_hessian_rows`` at the bandwidth the rule gives."""
+def test_the_draws_device_work_is_the_cores(kernel):
+    """``first_rows`` — the device work of a single process's draw, which a CUDA graph captures —
+    gives the basis points, their one-hot, the rule's bandwidth (the host rule's value), the core's
+    ``cross_hessian_rows`` and their ``C Cᵀ``; the draw hands its rows and ``C Cᵀ`` on."""
     from wngkernels.torch._graphs import first_rows
     from wngkernels.torch._state import _Pending
 
     torch.manual_seed(0)
     xd = torch.randn(32, 5, dtype=torch.float64)
     basis = NystromBasis(np.array([3, 7, 11, 20, 31]), np.array([0, 4, 2, 2, 1]))
+    pairs = torch.from_numpy(np.concatenate([basis.indices, basis.dims]))
+    points, onehot, ell, rows, cc = first_rows(kernel, xd, pairs)
+    idx, dims = basis.indices.tolist(), basis.dims.tolist()
+    assert torch.equal(points, xd[idx]) and torch.equal(onehot, torch.eye(5, dtype=torch.float64)[dims])
+    rule = kernel.bandwidth
+    assert (ell is None) == (not callable(rule))
+    value = kernel.bandwidth if ell is None else float(ell)
+    assert ell is None or value == rule(xd[idx], xd)  # the host rule, bit for bit
+    want = kernel.with_bandwidth(value).cross_hessian_rows(xd[idx], dims, xd)
+    np.testing.assert_allclose(to_np(rows), to_np(want), rtol=1e-12, atol=1e-14)
+    flat = to_np(want).reshape(5, -1)
+    np.testing.assert_allclose(to_np(cc), flat @ flat.T, rtol=1e-12, atol=1e-14 * np.abs(flat).max() ** 2)
     kwng = KWNG([torch.nn.Parameter(torch.zeros(3))], kernel=kernel, generator=0)
     pend = _Pending(rng_state=None, refresh=True, active=(0,))
-    assert kwng._draw(pend, xd, basis) is None  # the eager draw on the CPU
-    eager_rows = capture._kernel_rows(pend, xd)
-    pairs = torch.from_numpy(np.concatenate([basis.indices, basis.dims]))
-    points, onehot, ell, rows, cc = first_rows(kernel, xd, pairs[:5], pairs[5:])
-    assert torch.equal(points, pend.points) and torch.equal(onehot, pend.onehot)
-    assert (ell is None) == (pend.ell is None) and (ell is None or torch.equal(ell, pend.ell))
-    assert torch.equal(rows, eager_rows)
-    assert torch.equal(cc, pend.cc + capture._gram_of_rows(capture.array_namespace(xd), eager_rows))
-    resolved = kernel if ell is None else kernel.with_bandwidth(float(ell))
-    want = resolved.cross_hessian_rows(xd[basis.indices.tolist()], basis.dims, xd)
-    np.testing.assert_allclose(to_np(rows), to_np(want), rtol=1e-12, atol=1e-14)
+    drawn = kwng._draw(pend, xd, basis)
+    assert torch.equal(drawn, rows) and torch.equal(pend.cc, cc) and torch.equal(pend.dims, pairs[5:])

@@ -26,7 +26,7 @@ from ._batched import (
     grad_only_through,
 )
 from ._direction import checked_whitening
-from ._graphs import kernel_rows
+from ._graphs import first_rows, kernel_rows
 from ._state import _Pending
 
 
@@ -197,21 +197,24 @@ class _Capture:
 
     def _draw(self, pend: _Pending, xd: torch.Tensor, basis: NystromBasis | None) -> torch.Tensor | None:
         """Basis points and dims (rank 0's, broadcast) and the kernel: with its bandwidth resolved,
-        or (a single process, :class:`~wngkernels.AuthorsRule`) with the bandwidth left on the device
-        in ``pend.ell``. A single process reads nothing here (the whitening of the cotangents, where
-        it applies, reads ``max |C Cᵀ|`` later; otherwise the batched backward is queued behind the
-        forward pass without waiting for it). Returns the micro-batch's kernel rows where they came
-        with the draw (``cuda_graphs``: then ``pend.cc`` holds their ``C Cᵀ``), else ``None``."""
+        or (a single process, :class:`~wngkernels.AuthorsRule` or a fixed bandwidth) with the
+        bandwidth left on the device in ``pend.ell``. A single process reads nothing here (the
+        whitening of the cotangents, where it applies, reads ``max |C Cᵀ|`` later; otherwise the
+        batched backward is queued behind the forward pass without waiting for it), and computes
+        the micro-batch's kernel rows and their ``C Cᵀ`` with the draw (:func:`first_rows`, replayed
+        from a CUDA graph where :meth:`_graphed`): returns the rows then, else ``None``."""
         comm = self._comm
         if basis is None:
             basis = nystrom_basis(tuple(xd.shape), self._pairs(xd), rng=self._draws.rng())
-        dev = xd.device
-        rule = self.kernel.bandwidth
-        if self._graphs is not None and self._graphed(xd, rule):
+        dev, m, rule = xd.device, basis.num_basis, self.kernel.bandwidth
+        self.last_basis = basis
+        group = comm.active and comm.world_size > 1
+        if not group and (isinstance(rule, AuthorsRule) or not callable(rule)):
+            # non-finite outputs make ℓ NaN, and the rows NaN (kernel_rows): the refresh is dropped
             pairs = _to_device(np.concatenate([basis.indices, basis.dims]), dev)  # one copy for both
-            m = basis.num_basis
-            pend.points, pend.onehot, pend.ell, rows, pend.cc = self._graphs(self.kernel, xd, pairs)
-            pend.dims, pend.kernel, self.last_basis = pairs[m:], self.kernel, basis
+            run = self._graphs if self._graphed(xd) else first_rows
+            pend.points, pend.onehot, pend.ell, rows, pend.cc = run(self.kernel, xd, pairs)
+            pend.dims, pend.kernel = pairs[m:], self.kernel
             if pend.ell is not None:
                 self._last_pending = (self.kernel, pend.ell)
             else:
@@ -219,24 +222,12 @@ class _Capture:
             return rows
         points = xd.index_select(0, _to_device(basis.indices, dev))
         dims = _to_device(basis.dims, dev)
-        group = comm.active and comm.world_size > 1
         if group:
             comm.broadcast_(points)
             comm.broadcast_(dims)
-        m = basis.num_basis
         pend.cc = torch.zeros(m, m, dtype=xd.dtype, device=dev)
         pend.points, pend.dims = points, dims
         pend.onehot = (dims[:, None] == torch.arange(xd.shape[1], device=dev)).to(xd.dtype)  # E (M, d)
-        self.last_basis = basis
-        if not group and (isinstance(rule, AuthorsRule) or not callable(rule)):
-            # non-finite outputs make ℓ NaN, and the rows NaN (_kernel_rows): the refresh is dropped
-            pend.kernel = self.kernel
-            if callable(rule):
-                pend.ell = rule.deferred(points, xd)
-                self._last_pending = (self.kernel, pend.ell)
-            else:
-                self._last_kernel, self._last_pending = self.kernel, None
-            return None
         finite = torch.isfinite(xd).all().to(xd.dtype).reshape(1)
         if float(comm.sum_(finite)) < comm.world_size:
             pend.bad = True
@@ -249,15 +240,10 @@ class _Capture:
         self._last_kernel, self._last_pending = pend.kernel, None
         return None
 
-    def _graphed(self, xd: torch.Tensor, rule) -> bool:
-        """Whether the draw's device work runs from a CUDA graph: CUDA outputs, one process, one
-        micro-batch per step, a bandwidth that stays on the device (:class:`~wngkernels.AuthorsRule`
-        or a fixed one), and no graph being captured by the caller."""
-        if xd.device.type != "cuda" or self.accumulation_steps != 1:
-            return False
-        if self._comm.active and self._comm.world_size > 1:
-            return False
-        if callable(rule) and not isinstance(rule, AuthorsRule):
+    def _graphed(self, xd: torch.Tensor) -> bool:
+        """Whether the draw's device work is replayed from a CUDA graph: ``cuda_graphs``, CUDA
+        outputs, one micro-batch per step, and no graph being captured by the caller."""
+        if self._graphs is None or xd.device.type != "cuda" or self.accumulation_steps != 1:
             return False
         return not torch.cuda.is_current_stream_capturing()
 

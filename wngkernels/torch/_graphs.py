@@ -22,14 +22,15 @@ from ..kernels import Kernel
 MAX_GRAPHS = 4
 
 
-def first_rows(kernel: Kernel, xd: torch.Tensor, indices: torch.Tensor, dims: torch.Tensor):
+def first_rows(kernel: Kernel, xd: torch.Tensor, pairs: torch.Tensor):
     """``(points, onehot, ell, rows, cc)`` of one micro-batch ``xd`` ``(N, d)`` and the basis pairs
-    ``(indices, dims)`` ``(M,)`` on ``xd``'s device, reading nothing back: ``ell`` the
+    ``pairs`` ``(2M,)`` (indices, then dims) on ``xd``'s device, reading nothing back: ``ell`` the
     :meth:`~wngkernels.AuthorsRule.deferred` bandwidth (``None`` for a fixed one), ``rows`` the kernel's
     rows ``(M, N, d)`` (NaN where an output is not finite: the refresh is then dropped), ``cc`` their
     ``(M, M)`` Gram matrix ``Σ_n H_n H_nᵀ``."""
-    points = xd.index_select(0, indices)
-    onehot = (dims[:, None] == torch.arange(xd.shape[1], device=xd.device)).to(xd.dtype)  # E (M, d)
+    m = pairs.shape[0] // 2
+    points = xd.index_select(0, pairs[:m])
+    onehot = (pairs[m:, None] == torch.arange(xd.shape[1], device=xd.device)).to(xd.dtype)  # E (M, d)
     rule = kernel.bandwidth
     ell = rule.deferred(points, xd) if callable(rule) else None
     rows = kernel_rows(kernel, points, onehot, xd, ell)
@@ -77,7 +78,7 @@ class RowGraphs:
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = entry
         if entry[0] is None:  # not capturable: eager
-            return first_rows(kernel, xd, pairs[:m], pairs[m:])
+            return first_rows(kernel, xd, pairs)
         graph, static_xd, static_pairs, outs, _ = entry
         static_xd.copy_(xd)
         static_pairs.copy_(pairs)
@@ -89,17 +90,16 @@ class RowGraphs:
     def _capture(kernel: Kernel, xd: torch.Tensor, pairs: torch.Tensor):
         """``(graph, static xd, static pairs, static outputs, kernel)``, or ``(None, ..., kernel)``
         where the capture fails (the kernel is held so that its ``id`` in the key stays its own)."""
-        m = pairs.shape[0] // 2
         static_xd, static_pairs = xd.clone(), pairs.clone()
         try:
             side = torch.cuda.Stream(device=xd.device)
             side.wait_stream(torch.cuda.current_stream(xd.device))
             with torch.cuda.stream(side):  # warm-up off the graph (workspaces, cuBLAS handles)
-                first_rows(kernel, static_xd, static_pairs[:m], static_pairs[m:])
+                first_rows(kernel, static_xd, static_pairs)
             torch.cuda.current_stream(xd.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                outs = first_rows(kernel, static_xd, static_pairs[:m], static_pairs[m:])
+                outs = first_rows(kernel, static_xd, static_pairs)
         except Exception:  # noqa: BLE001 - any failure to capture leaves the eager path
             return None, None, None, None, kernel
         return graph, static_xd, static_pairs, outs, kernel
