@@ -17,8 +17,8 @@ from array_api_compat import array_namespace
 from ..estimator import _gram_of_rows
 from ..kernels import Kernel
 
-#: Graphs kept per preconditioner (one per shape, dtype, device and kernel: a short last batch
-#: adds one); the least recently captured goes first.
+#: Graphs kept per preconditioner (one per shape, dtype, device, kernel and autocast state: a short
+#: last batch adds one); the least recently captured goes first.
 MAX_GRAPHS = 4
 
 
@@ -106,5 +106,7 @@ class RowGraphs:
 
 
 def _autocast_state() -> tuple:
-    """Whether CUDA autocast is on, and its dtype."""
-    return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    """Whether CUDA autocast is on, and its dtype (torch before 2.4 names them without a device)."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
