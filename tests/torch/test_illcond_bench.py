@@ -159,6 +159,43 @@ def test_lean_step_computes_kwngs_direction_and_runs():
             lean_step.main(["--quick", "--methods", bad])
 
 
+def test_step_reads_stand_ins_are_scoped_and_leave_the_parameters_alone():
+    """``benchmarks/step_reads.py`` replaces the step's synchronising operations only inside its
+    block (restored after it, also on an error: the core computes true values again), its stubbed
+    steps never move the parameters (their numbers are wrong by construction), and its quick run
+    times every method side by side."""
+    import argparse
+
+    import step_reads
+
+    from wngkernels import _backend
+
+    linalg = step_reads._linalg()
+    before = (linalg.eigh, _backend.max_abs)
+    a = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="inside"):
+        with step_reads.stand_ins(None):
+            assert torch.equal(linalg.eigh(a)[1], torch.eye(2, dtype=torch.float64))  # not a decomposition
+            raise RuntimeError("inside")
+    assert (linalg.eigh, _backend.max_abs) == before
+    values = linalg.eigh(a)[0]  # the real one again: the closed form 1, 3
+    assert torch.allclose(values, torch.tensor([1.0, 3.0], dtype=torch.float64))
+    assert _backend.max_abs(np, np.array([-3.0, 2.0])) == 3.0
+
+    spec = argparse.Namespace(batch=16, width=8)
+    for name in ("stub_read_end", "stub_read_g", "stub_no_read"):
+        step = step_reads._make(name, spec, torch.device("cpu"))
+        start = [p.detach().clone() for p in step.kwng._params]
+        step()
+        step()
+        assert all(torch.equal(p, q) for p, q in zip(step.kwng._params, start, strict=True))
+    rows = step_reads.main(["--quick", "--rounds", "1"])
+    assert set(rows) == set(step_reads.METHODS) and all(ms > 0 for ms in rows.values())
+    for bad in (["--methods", "no_such_method"], ["--syncs"]):  # --syncs needs CUDA
+        with pytest.raises(SystemExit):
+            step_reads.main(["--quick", *bad])
+
+
 def test_step_timeline_marks_every_phase_in_order():
     """``benchmarks/step_timeline.py`` marks the forward, the preconditioner's ``step()`` (entered after
     the capture) and the optimizer, in the order they run; the marking leaves the step's direction
