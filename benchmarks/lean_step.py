@@ -237,16 +237,55 @@ def _make(name, args, device):
     return lean.graphed() if name.endswith("_graph") else lean.step
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(description: str, methods, rounds: int) -> argparse.ArgumentParser:
+    """The options every step-bound script shares (this one and ``step_reads.py``)."""
+    ap = argparse.ArgumentParser(description=description)
     default = "cuda" if torch.cuda.is_available() else "cpu"
     ap.add_argument("--device", default=default, choices=["cuda", "cpu"])
-    ap.add_argument("--methods", help="comma-separated subset of " + ", ".join(METHODS))
+    ap.add_argument("--methods", help="comma-separated subset of " + ", ".join(methods))
     ap.add_argument("--steps", type=int, default=20, help="consecutive timed steps per round (mean reported)")
     ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--width", type=int, default=64)
+    return ap
+
+
+def interleaved(steps: dict, device, args) -> dict[str, list[float]]:
+    """Each step's mean time per round, the methods interleaved within each round (a drift of the
+    machine touches every method alike)."""
+    per_round = {n: [] for n in steps}
+    for _ in range(args.rounds):
+        for n, step in steps.items():
+            per_round[n].append(mean_ms(step, device, args.steps, args.warmup))
+    return per_round
+
+
+def ratio(per_round: dict[str, list[float]], n: str, ref: str) -> str:
+    """The median over the rounds of ``n``'s time over ``ref``'s in the same round ("—" without ``ref``)."""
+    if ref not in per_round:
+        return "—"
+    return f"{statistics.median(a / b for a, b in zip(per_round[n], per_round[ref], strict=True)):.2f}"
+
+
+def report(per_round: dict[str, list[float]], args, device, m: int, extra: dict[str, dict] | None = None):
+    """Print the table (median ms, × SGD, × the authors' recipe, then each ``extra`` column: its name
+    → method → value) and return the median ms per method."""
+    extra = extra or {}
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"resnet18, batch {args.batch}, M = {m}, mean over {args.steps} consecutive steps per round, "
+          f"{args.rounds} interleaved round(s) (median), {dev}, torch {torch.__version__}")
+    head = ["method", "ms/step", "× SGD", "× authors' recipe", *extra]
+    print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
+    for n, v in per_round.items():
+        cells = [n, f"{statistics.median(v):.2f}", ratio(per_round, n, "sgd"),
+                 ratio(per_round, n, "authors5"), *(str(col.get(n, "—")) for col in extra.values())]
+        print("| " + " | ".join(cells) + " |")
+    return {n: statistics.median(v) for n, v in per_round.items()}
+
+
+def main(argv=None):
+    ap = parser(__doc__.splitlines()[0], METHODS, rounds=2)
     ap.add_argument("--check", action="store_true", help="compare the lean direction with KWNG's first")
     ap.add_argument("--quick", action="store_true",
                     help="CPU smoke run: 2 steps, batch 16, width 8, no graphs")
@@ -266,24 +305,7 @@ def main(argv=None):
     if args.check:
         cosines = check_direction(device, args.batch, args.width)
         print("cosine(lean, KWNG) on the same basis:", ", ".join(f"{c:.6f}" for c in cosines))
-    steps = {n: _make(n, args, device) for n in names}
-    per_round = {n: [] for n in names}
-    for _ in range(args.rounds):
-        for n in names:
-            per_round[n].append(mean_ms(steps[n], device, args.steps, args.warmup))
-
-    def ratio(n, ref):
-        if ref not in per_round:
-            return "—"
-        return f"{statistics.median(a / b for a, b in zip(per_round[n], per_round[ref], strict=True)):.2f}"
-
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"resnet18, batch {args.batch}, M = {M}, mean over {args.steps} consecutive steps per round, "
-          f"{args.rounds} interleaved round(s) (median), {dev}, torch {torch.__version__}")
-    print("| method | ms/step | × SGD | × authors' recipe |\n|---|---|---|---|")
-    for n, v in per_round.items():
-        print(f"| {n} | {statistics.median(v):.2f} | {ratio(n, 'sgd')} | {ratio(n, 'authors5')} |")
-    return {n: statistics.median(v) for n, v in per_round.items()}
+    return report(interleaved({n: _make(n, args, device) for n in names}, device, args), args, device, M)
 
 
 if __name__ == "__main__":

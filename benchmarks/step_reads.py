@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
 import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from solve_time import mean_ms  # noqa: E402
+from lean_step import interleaved, parser, report  # noqa: E402
 from torch_step import make_step  # noqa: E402
 
 import wngkernels._backend as _backend  # noqa: E402
@@ -126,15 +125,7 @@ def count_syncs(step) -> int:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = "cuda" if torch.cuda.is_available() else "cpu"
-    ap.add_argument("--device", default=default, choices=["cuda", "cpu"])
-    ap.add_argument("--methods", help="comma-separated subset of " + ", ".join(METHODS))
-    ap.add_argument("--steps", type=int, default=20, help="consecutive timed steps per round (mean reported)")
-    ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--width", type=int, default=64)
+    ap = parser(__doc__.splitlines()[0], METHODS, rounds=3)
     ap.add_argument("--syncs", action="store_true", help="count each method's synchronisations (CUDA)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: 2 steps, batch 16, width 8")
     args = ap.parse_args(argv)
@@ -151,25 +142,9 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     steps = {n: _make(n, args, device) for n in names}
-    per_round = {n: [] for n in names}
-    for _ in range(args.rounds):  # interleaved: a drift of the machine touches every method alike
-        for n in names:
-            per_round[n].append(mean_ms(steps[n], device, args.steps, args.warmup))
+    per_round = interleaved(steps, device, args)
     syncs = {n: count_syncs(steps[n]) for n in names} if args.syncs else {}
-
-    def ratio(n, ref):
-        if ref not in per_round:
-            return "—"
-        return f"{statistics.median(a / b for a, b in zip(per_round[n], per_round[ref], strict=True)):.2f}"
-
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"resnet18, batch {args.batch}, M = 5, mean over {args.steps} consecutive steps per round, "
-          f"{args.rounds} interleaved round(s) (median), {dev}, torch {torch.__version__}")
-    print("| method | ms/step | × SGD | × authors' recipe | syncs/step |\n|---|---|---|---|---|")
-    for n, v in per_round.items():
-        print(f"| {n} | {statistics.median(v):.2f} | {ratio(n, 'sgd')} | {ratio(n, 'authors5')} "
-              f"| {syncs.get(n, '—')} |")
-    return {n: statistics.median(v) for n, v in per_round.items()}
+    return report(per_round, args, device, 5, {"syncs/step": syncs})
 
 
 if __name__ == "__main__":
