@@ -159,8 +159,7 @@ class _Capture:
         grads, self._vjp_used = batched_vjp(roots, pieces, params, vjp_mode=self._vjp_used or self.vjp_mode,
                                             retain_graph=not fused)
         # one copy of every row, the loss's too: T's rows, and the loss's row whose pieces become .grad
-        rows_all = _rows_from_grads(grads if fused else [None if g is None else g[:m] for g in grads],
-                                    params, m + fused, dtype)
+        rows_all = _rows_from_grads(grads, params, m + fused, dtype)
         t = rows_all[:m]
         pend.t = t if pend.t is None else pend.t + t
         if fused:

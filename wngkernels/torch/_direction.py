@@ -11,7 +11,6 @@ from ..solve import (
     _damping_of_norms,
     _factorize,
     damping_from_whitened,
-    factorize_whitened,
     solve_whitened,
     whiten,
 )
@@ -124,11 +123,9 @@ def cached_direction(c: _Refresh | None, g, params, present, eps: float):
             try:
                 # the stable dual form: the authors' Woodbury form, tried, fell back to g
                 # 10 times a run on the seed's ResNet-18 (H100, float32; docs/benchmarks.md)
-                if tw.dtype == g.dtype and c.s_bound is not None:  # S's scale from the damping's norms
-                    solver = _factorize(array_namespace(tw), tw, dmp, "auto", s_bound=c.s_bound)
-                else:
-                    solver = factorize_whitened(tw.to(g.dtype),
-                                                damping=None if dmp is None else dmp.to(g.dtype))
+                # S's scale from the damping's norms where they were taken (s_bound), else from S
+                solver = _factorize(array_namespace(tw), tw.to(g.dtype),
+                                    None if dmp is None else dmp.to(g.dtype), "auto", s_bound=c.s_bound)
             except (torch.linalg.LinAlgError, ValueError):  # a non-finite T: the step falls back to g
                 return None
             c.solver = solver
