@@ -12,6 +12,8 @@ same batches for a given seed:
   SGD with lr 10, as their configuration;
 - ``kwng``: ``wngkernels.torch.KWNG`` with its defaults (the same algorithm), then SGD, lr 10;
 - ``kwng_refresh10``: the same with ``refresh_every=10``;
+- ``kwng_syncfree``, ``kwng_syncfree_refresh10``: the same with ``sync_free=True`` (Cholesky
+  factors, nothing read back to the host);
 - ``kwng_sub32``: ``T`` and ``C Cᵀ`` from a 32-sample sub-batch with its own forward (the split form:
   ``capture(model(x[:32]), loss)``, the full batch's ``loss.backward()``, ``step()``): ``T``'s backward
   runs over 32 samples instead of 128 (a cheaper Monte-Carlo estimate of the metric);
@@ -61,6 +63,8 @@ METHODS = {
     "authors": ("sgd", 10.0, 0.0, "authors", {}),
     "kwng": ("sgd", 10.0, 0.0, "kwng", {}),
     "kwng_refresh10": ("sgd", 10.0, 0.0, "kwng", {"refresh_every": 10}),
+    "kwng_syncfree": ("sgd", 10.0, 0.0, "kwng", {"sync_free": True}),
+    "kwng_syncfree_refresh10": ("sgd", 10.0, 0.0, "kwng", {"sync_free": True, "refresh_every": 10}),
     "kwng_sub32": ("sgd", 10.0, 0.0, "kwng", {"t_batch": 32}),
     "kwng_bf16T": ("sgd", 10.0, 0.0, "kwng", {"t_autocast": torch.bfloat16}),
     "kwng_sub32_bf16T": ("sgd", 10.0, 0.0, "kwng", {"t_batch": 32, "t_autocast": torch.bfloat16}),

@@ -14,6 +14,8 @@ taken within a round, so a drift of the machine's speed touches both sides of it
   reaches the parameters only through the outputs, as here);
 - ``kwng split M=k``: ``capture``, ``loss.backward()``, ``step`` (two backward passes);
 - ``kwng loop M=k``: ``vjp_mode="loop"``; ``kwng M=5 refresh=10``: ``refresh_every=10``;
+- ``syncfree5``, ``syncfree_refresh10``, ``syncfree64``: ``sync_free=True`` (no read of the device);
+- ``cached``, ``syncfree_cached``: no refresh after the first step (the steps between refreshes);
 - ``sub32``/``sub16``: ``T`` from a 32-/16-sample sub-batch with its own forward (split form:
   ``capture(model(x[:k]), loss)``, ``loss.backward()``, ``step``);
 - ``bf16T``/``sub32bf16T``: ``T`` from its own forward under bfloat16 autocast (whole batch / 32
@@ -105,12 +107,17 @@ def _methods(quick: bool):
     out = {"sgd": ("sgd", 0, {}), "authors5": ("authors", 5, {}), "kwng5": ("kwng", 5, {}),
            "split5": ("split", 5, {}), "loop5": ("kwng", 5, {"vjp_mode": "loop"}),
            "refresh10": ("kwng", 5, {"refresh_every": 10}),
+           "syncfree5": ("kwng", 5, {"sync_free": True}),
+           "syncfree_refresh10": ("kwng", 5, {"sync_free": True, "refresh_every": 10}),
+           "cached": ("kwng", 5, {"refresh_every": 10**9}),
+           "syncfree_cached": ("kwng", 5, {"sync_free": True, "refresh_every": 10**9}),
            "sub32": ("sub", 5, {"t_batch": 32}), "sub16": ("sub", 5, {"t_batch": 16}),
            "bf16T": ("sub", 5, {"t_autocast": torch.bfloat16}),
            "sub32bf16T": ("sub", 5, {"t_batch": 32, "t_autocast": torch.bfloat16})}
     if not quick:
         out.update({"authors64": ("authors", 64, {}), "kwng64": ("kwng", 64, {}),
-                    "loop64": ("kwng", 64, {"vjp_mode": "loop"})})
+                    "loop64": ("kwng", 64, {"vjp_mode": "loop"}),
+                    "syncfree64": ("kwng", 64, {"sync_free": True})})
     return out
 
 
@@ -119,7 +126,10 @@ LABELS = {"sgd": "SGD", "authors5": "authors' recipe M=5", "kwng5": "KWNG M=5 (p
           "refresh10": "KWNG M=5 refresh_every=10", "sub32": "KWNG M=5, T from 32 samples",
           "sub16": "KWNG M=5, T from 16 samples", "bf16T": "KWNG M=5, T's forward and backward in bf16",
           "sub32bf16T": "KWNG M=5, T from 32 samples in bf16", "authors64": "authors' recipe M=64",
-          "kwng64": "KWNG M=64 (precondition)", "loop64": "KWNG M=64 vjp_mode=loop"}
+          "kwng64": "KWNG M=64 (precondition)", "loop64": "KWNG M=64 vjp_mode=loop",
+          "syncfree5": "KWNG M=5 sync_free", "syncfree_refresh10": "KWNG M=5 sync_free refresh_every=10",
+          "syncfree64": "KWNG M=64 sync_free", "cached": "KWNG M=5, the cache reused (one refresh)",
+          "syncfree_cached": "KWNG M=5 sync_free, the cache reused (one refresh)"}
 
 
 def make_step(kind, m, options, args, device):

@@ -275,9 +275,12 @@ def _inverse_root(xp, gram, tiny: float):
     return u * xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, lam, 1.0)), 0.0)[None, :]
 
 
-def _orthonormal_rows(xp, a):
+def _orthonormal_rows(xp, a, inverse_root=_inverse_root):
     """Rows ``a₁`` ``(M, q)`` and ``w`` ``(M, M)`` such that ``Q = a₁ᵀ w`` has orthonormal columns
     spanning the row space of ``a`` (the range of ``aᵀ``), from ``M × M`` Gram matrices.
+    ``inverse_root(gram, tiny)`` gives ``P`` with ``Pᵀ gram P = I`` on the kept directions (default
+    the eigen-decomposition's ``U Λ^{-1/2}``; the PyTorch preconditioner's ``sync_free`` mode passes
+    a Cholesky factor's inverse, which reads nothing back).
 
     The first pass eigen-decomposes ``a aᵀ = U Λ Uᵀ`` and maps ``a₁ = Λ^{-1/2} Uᵀ a`` (directions
     with ``λ <= M·eps·max λ`` become zero rows); it leaves a loss of orthogonality of about
@@ -290,8 +293,8 @@ def _orthonormal_rows(xp, a):
     ``(M × M)·(M × q)`` map are fastest that way.
     """
     tiny = a.shape[0] * _eps_floor(xp, a.dtype)
-    a1 = _inverse_root(xp, _gram(xp, a), tiny).T @ a
-    return a1, _inverse_root(xp, _gram(xp, a1), tiny)
+    a1 = inverse_root(xp, _gram(xp, a), tiny).T @ a
+    return a1, inverse_root(xp, _gram(xp, a1), tiny)
 
 
 #: The largest share of the step's norm that excluded (unseen) parameters may take.
@@ -408,6 +411,10 @@ class WhitenedSolver:
         _backend.check_shape(grad, "grad", (self.num_params,), "(q,)")
         return self._solve(xp, grad, eps, check_finite)
 
+    def _inner(self, xp, z, e):
+        """``(diag(μ) + eI)⁻¹ z``: the ``M × M`` (or ``q × q``) system in the eigenbasis, ``e = ε/τ²``."""
+        return z / (self.values + e)
+
     def _solve(self, xp, grad, eps: float, check_finite: bool):
         """:meth:`solve` on a validated ``grad`` of shape ``(q,)`` and ``eps > 0``."""
         out = _backend.result_float_dtype(xp, grad)
@@ -425,7 +432,7 @@ class WhitenedSolver:
             # (a plain matrix–vector product: the blocked form of _gram gains nothing for one vector on
             # GPUs, and halves the speed of torch's CPU matrix–vector kernel)
             z = f.T @ (h if span is None else span.T @ h)
-            c = f @ (z / (self.values + eps / tau / tau)) / tau / tau
+            c = f @ self._inner(xp, z, eps / tau / tau) / tau / tau
             if span is None:
                 x = c
             else:  # span·c and span·Fz (= VVᵀh) in one pass; h − VVᵀh is the cancellation, then / ε

@@ -220,3 +220,11 @@ def test_step_timeline_marks_every_phase_in_order():
     for bad in (["--quick", "--methods", "no_such_method"], ["--quick", "--syncs"]):
         with pytest.raises(SystemExit):
             step_timeline.main(bad)
+
+
+def test_sync_free_accuracy_smoke_run():
+    """``benchmarks/sync_free_accuracy.py --quick``: both float32 directions are close to the float64 one."""
+    import sync_free_accuracy
+
+    errors = sync_free_accuracy.main(["--quick"])
+    assert all(len(e) == 2 and max(e) < 0.5 for e in errors.values())

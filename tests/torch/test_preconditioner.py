@@ -65,12 +65,15 @@ def test_direction_matches_core_with_same_basis_and_bandwidth(config, dtype, dev
     assert rel_err(to_np(w), to_np(w_core)) < (1e-10 if dtype == torch.float64 else 2e-3)
 
 
+@pytest.mark.parametrize("sync_free", [False, True], ids=["default", "sync_free"])
 @pytest.mark.parametrize("name", MODELS)
-def test_any_model_trains_and_matches_core(name):
+def test_any_model_trains_and_matches_core(name, sync_free):
+    """Shared, unused and frozen parameters; with ``sync_free`` the unseen-parameter rule is applied
+    on the device and the factors are Cholesky's."""
     model, x = make_model(name, torch.float64)
     params = list(model.parameters())
     y = torch.randn(x.shape[0], dtype=torch.float64)
-    kwng = KWNG(params, num_basis=6, eps=1e-2, clip_norm=None, generator=0, lr=0.1)
+    kwng = KWNG(params, num_basis=6, eps=1e-2, clip_norm=None, generator=0, lr=0.1, sync_free=sync_free)
     out = model(x)
     kwng.precondition(out, _loss(out, y))
     present = [p for p in params if p.grad is not None]

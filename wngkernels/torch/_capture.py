@@ -28,6 +28,7 @@ from ._batched import (
 from ._direction import checked_whitening
 from ._graphs import first_rows, kernel_rows
 from ._state import _Pending
+from ._syncfree import whitening_factor
 
 
 class _Capture:
@@ -104,6 +105,9 @@ class _Capture:
             if rows is None:  # else the draw's graph gave them, and C Cᵀ
                 rows = _kernel_rows(pend, xd)
                 pend.cc += _gram_of_rows(array_namespace(xd), rows)
+            if self.sync_free:  # the Cholesky whitening factorises C Cᵀ taken in float64
+                cc64 = _gram_of_rows(array_namespace(xd), rows.to(torch.float64))
+                pend.cc64 = cc64 if pend.cc64 is None else pend.cc64 + cc64
             if self._whitens_cotangents(outputs):
                 rows = self._whitened(pend, rows)
                 if rows is None:  # C Cᵀ not finite (outputs, bandwidth): the refresh is dropped, g written
@@ -128,6 +132,9 @@ class _Capture:
         and the eigen-decomposition's status (the GPU has only the forward pass before it). ``None``
         where ``C Cᵀ`` (or ``K``) is not finite, or the bandwidth left on the device is unusable."""
         m, n = rows.shape[0], rows.shape[1]
+        if self.sync_free:  # λ = 0 there; nothing is checked or read (a non-finite C Cᵀ: T̃ is NaN)
+            pend.whitened = True
+            return (whitening_factor(pend.cc64 / n, rows.dtype) @ rows.reshape(m, -1)).reshape(rows.shape)
         xp, lam, cc = array_namespace(rows), self._value(self.lam, "lam", False), pend.cc / n
         usable, factor = checked_whitening(
             cc, pend, lam, lambda k: _whitening_factor(xp, cc, k, lam, None, 1.0, rows.dtype))

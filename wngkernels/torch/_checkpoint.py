@@ -13,6 +13,7 @@ from ._state import _Ratio, _Refresh
 
 def state_dict(kwng, include_cache: bool = True) -> dict:
     """:meth:`KWNG.state_dict`."""
+    kwng._flush()
     r = kwng._ratio
     state = {
         "step": kwng._step,
@@ -65,7 +66,8 @@ def load_state_dict(kwng, state: dict) -> None:
     short = _state_count(state.get("num_short_batches", 0), "num_short_batches")
     source = kwng._draws.restored(state["rng"])
     cache = _checked_cache(kwng, state.get("cache"), step)
-    # everything checked: commit
+    # everything checked: commit (a sync_free state on the device is superseded)
+    kwng._dev = None
     kwng._step, kwng._ratio, kwng._eps_scale = step, ratio, eps_scale
     kwng.num_fallbacks, kwng.num_skipped = counts
     kwng.num_short_batches = short

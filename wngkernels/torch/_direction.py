@@ -15,6 +15,7 @@ from ..solve import (
     whiten,
 )
 from ._state import _Pending, _Refresh
+from ._syncfree import CholeskySolver, factorize, whitening_factor
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
@@ -74,7 +75,21 @@ def refreshed(cc, t, pend: _Pending, scale: float, *, lam: float, damping: str, 
     return _Refresh(t_white, dmp, pend.active, step, s_bound=bound)
 
 
-def jacobian_damping(t_white: torch.Tensor, floor: float):
+def refreshed_sync_free(pend: _Pending, damping: str, floor: float, step: int) -> _Refresh:
+    """:func:`refreshed` reading nothing (``sync_free``, ``λ = 0``): ``T̃`` whitened by
+    :func:`~._syncfree.whitening_factor` of the float64 ``C Cᵀ`` where the capture did not, and the
+    damping's float64 norms whatever ``T̃``'s dtype. A non-finite ``C Cᵀ`` or ``T`` gives a NaN ``T̃``."""
+    t_white = pend.t
+    if not pend.whitened:
+        scale = 1.0 / (pend.factor * pend.n)
+        t_white = whitening_factor(pend.cc64 / pend.n, pend.t.dtype, scale) @ pend.t
+    if damping != "jacobian":
+        return _Refresh(t_white, None, pend.active, step)
+    dmp, bound = jacobian_damping(t_white, floor, read_free=True)
+    return _Refresh(t_white, dmp, pend.active, step, s_bound=bound)
+
+
+def jacobian_damping(t_white: torch.Tensor, floor: float, read_free: bool = False):
     """:func:`~wngkernels.damping_from_whitened` without a read where ``T̃`` is float32 (or
     narrower): its column norms accumulated in float64, where no square of a float32 number
     under- or overflows, are exact as they are, so no read decides on a scaled second pass (the
@@ -82,8 +97,10 @@ def jacobian_damping(t_white: torch.Tensor, floor: float):
 
     Returns ``D`` and, from the same norms (float32 ``T̃`` only, else ``None``), the 0-d bound
     ``max_j ‖T̃_j‖ D_jj^{1/2}`` of ``max |S|`` (``S = T̃ D^{1/2}``; within a factor ``sqrt(M)`` of it)
-    that the factorisation scales ``S`` by instead of reading ``T̃`` twice for its column maxima."""
-    if torch.finfo(t_white.dtype).bits > 32:
+    that the factorisation scales ``S`` by instead of reading ``T̃`` twice for its column maxima.
+    With ``read_free`` a wider ``T̃`` takes the same float64 norms (their squares under- or
+    overflow only for entries beyond ``1e±154``)."""
+    if torch.finfo(t_white.dtype).bits > 32 and not read_free:
         return damping_from_whitened(t_white, floor=floor), None
     # rounded to T̃'s dtype, as the core's are (a norm beyond its range is Inf there too: D = 0)
     norms = torch.linalg.vector_norm(t_white, dim=0, dtype=torch.float64).to(t_white.dtype)
@@ -131,14 +148,40 @@ def cached_direction(c: _Refresh | None, g, params, present, eps: float):
             c.solver = solver
         return solver.solve(g, eps, check_finite=False)  # g is checked in step()
     if len(present) < len(params):
-        sizes = [p.numel() for p in params]
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        keep = np.concatenate([np.arange(starts[j], starts[j + 1]) for j in present])
-        keep = torch.as_tensor(keep, device=tw.device)
-        tw = tw.index_select(1, keep)
-        dmp = None if dmp is None else dmp.index_select(0, keep)
+        tw, dmp = present_columns(tw, dmp, params, present)
     try:
         return solve_whitened(tw.to(g.dtype), g, eps=eps,
                               damping=None if dmp is None else dmp.to(g.dtype))
     except (torch.linalg.LinAlgError, ValueError):  # non-finite T, or w beyond the dtype: g
         return None
+
+
+def present_columns(tw: torch.Tensor, dmp: torch.Tensor | None, params, present):
+    """The columns of ``T̃`` ``(M, q)`` and the entries of ``D`` ``(q,)`` of the ``present``
+    parameters (those with a ``.grad``), in their order."""
+    sizes = [p.numel() for p in params]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    keep = np.concatenate([np.arange(starts[j], starts[j + 1]) for j in present])
+    keep = torch.as_tensor(keep, device=tw.device)
+    return tw.index_select(1, keep), None if dmp is None else dmp.index_select(0, keep)
+
+
+def sync_free_direction(c: _Refresh | None, g, params, present, eps):
+    """:func:`cached_direction` without a read (``sync_free``): the Cholesky factorisation of
+    :mod:`._syncfree`, cached where every parameter has a ``.grad``; ``eps`` may be a 0-d tensor.
+    A non-finite ``T̃`` or an overflowing ``w`` gives a non-finite ``w`` (the step falls back to ``g``)."""
+    if c is None:
+        return None
+    tw, dmp = c.t_white, c.damping
+    if len(present) == len(params):
+        solver = c.solver
+        if not isinstance(solver, CholeskySolver) or solver.factor.dtype != g.dtype:
+            solver = c.solver = factorize(tw.to(g.dtype), None if dmp is None else dmp.to(g.dtype),
+                                          s_bound=c.s_bound)
+        else:
+            solver = c.solver = solver.settled()
+    else:
+        tw, dmp = present_columns(tw, dmp, params, present)
+        solver = factorize(tw.to(g.dtype), None if dmp is None else dmp.to(g.dtype))
+    with torch.no_grad():
+        return solver._solve(array_namespace(g), g, eps, False)

@@ -116,6 +116,7 @@ class _Pending:
     kernel: Kernel | None = None  # bandwidth resolved, unless ell holds it
     ell: torch.Tensor | None = None  # the bandwidth left on the device (0-d float64; NaN: unusable)
     cc: torch.Tensor | None = None  # Σ_n H_n H_nᵀ (M, M)
+    cc64: torch.Tensor | None = None  # the same in float64 (sync_free: the Cholesky whitening's input)
     t: torch.Tensor | None = None  # factor · Σ_n Σ_i H_n[:, i] ∇θ X_{n,i}  (M, q), from the first backward
     factor: float = 1.0  # the cotangents' scale (loss scale / first micro-batch's N), undone in the whitening
     whitened: bool = False  # the cotangents were whitened: t holds T̃ (M, q) itself
