@@ -405,3 +405,40 @@ def test_cuda_steps_between_refreshes_settle_the_unseen_rule(unseen):
             assert (kwng._cache.solver.excluded is not None) == unseen
     for a, b in zip(*runs, strict=True):
         assert rel_err(to_np(b), to_np(a)) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graphs_replay_the_eager_steps_between_refreshes():
+    """``cuda_graphs=True`` replays the tail of the steps that reuse a cached solver from a graph
+    (captured anew after each refresh), with the eager numbers: directions and ε step for step, through
+    windows that move ε, a learning-rate change and a read of the device state mid-run."""
+    dev = torch.device("cuda")
+    runs, kwngs = [], []
+    for graphs in (False, True):
+        model = _ill_conditioned(torch.float32).to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        kwng = KWNG(model.parameters(), optimizer=opt, generator=1, window=2, refresh_every=4,
+                    cuda_graphs=graphs, sync_free=True)
+        gen = torch.Generator().manual_seed(2)
+        dirs, eps = [], []
+        for step in range(14):
+            x = torch.randn(32, 6, generator=gen).to(dev)
+            y = torch.randint(0, 4, (32,), generator=gen).to(dev)
+            if step == 7:
+                opt.param_groups[0]["lr"] = 0.02
+            out = model(x)
+            opt.zero_grad()
+            assert kwng.precondition(out, torch.nn.functional.cross_entropy(out, y))
+            dirs.append(_grads(model.parameters()).clone())
+            opt.step()
+            if step in (5, 10):
+                eps.append(kwng.current_eps())
+        eps.append(kwng.current_eps())
+        runs.append((dirs, eps, kwng.num_fallbacks))
+        kwngs.append(kwng)
+    assert any(e.graph is not None for e in kwngs[1]._tails._entries.values()), "no graph was captured"
+    (d0, e0, f0), (d1, e1, f1) = runs
+    assert len(set(e0)) > 1 and f0 == f1
+    np.testing.assert_allclose(e1, e0, rtol=1e-12)
+    for a, b in zip(d0, d1, strict=True):
+        assert rel_err(to_np(b), to_np(a)) < 1e-6

@@ -166,22 +166,21 @@ def present_columns(tw: torch.Tensor, dmp: torch.Tensor | None, params, present)
     return tw.index_select(1, keep), None if dmp is None else dmp.index_select(0, keep)
 
 
-def sync_free_direction(c: _Refresh | None, g, params, present, eps):
-    """:func:`cached_direction` without a read (``sync_free``): the Cholesky factorisation of
-    :mod:`._syncfree`, cached where every parameter has a ``.grad``; ``eps`` may be a 0-d tensor.
-    A non-finite ``T̃`` or an overflowing ``w`` gives a non-finite ``w`` (the step falls back to ``g``)."""
+def sync_free_solver(c: _Refresh | None, g, params, present) -> tuple[CholeskySolver | None, bool]:
+    """The ``sync_free`` solver for ``g`` of the ``present`` parameters from a refresh's ``T̃`` and ``D``
+    (:mod:`._syncfree`'s Cholesky factorisation, reading nothing), and whether it is the cache's own
+    (factorised once per refresh, where every parameter has a ``.grad``; the unseen-parameter rule
+    dropped once the device has told that nothing is excluded) rather than one for this step's
+    columns. ``(None, False)`` without a cache. A non-finite ``T̃`` gives a solver whose directions
+    are non-finite (the step falls back to ``g``)."""
     if c is None:
-        return None
+        return None, False
     tw, dmp = c.t_white, c.damping
-    if len(present) == len(params):
-        solver = c.solver
-        if not isinstance(solver, CholeskySolver) or solver.factor.dtype != g.dtype:
-            solver = c.solver = factorize(tw.to(g.dtype), None if dmp is None else dmp.to(g.dtype),
-                                          s_bound=c.s_bound)
-        else:
-            solver = c.solver = solver.settled()
-    else:
+    if len(present) < len(params):
         tw, dmp = present_columns(tw, dmp, params, present)
-        solver = factorize(tw.to(g.dtype), None if dmp is None else dmp.to(g.dtype))
-    with torch.no_grad():
-        return solver._solve(array_namespace(g), g, eps, False)
+        return factorize(tw.to(g.dtype), None if dmp is None else dmp.to(g.dtype)), False
+    solver = c.solver
+    if not isinstance(solver, CholeskySolver) or solver.factor.dtype != g.dtype:
+        solver = factorize(tw.to(g.dtype), None if dmp is None else dmp.to(g.dtype), s_bound=c.s_bound)
+    c.solver = solver = solver.settled()
+    return solver, True

@@ -168,15 +168,15 @@ class DeviceState:
             host = host.pin_memory()
         self.values = host.to(device, non_blocking=True)
 
-    def eps(self, base: float, bounds: tuple[float, float]) -> torch.Tensor:
+    def eps(self, base, bounds: tuple[float, float]) -> torch.Tensor:
         """``ε`` for this step (0-d float64): ``base`` times the adapted factor, within ``bounds``."""
         return torch.clamp(base * self.values[EPS_SCALE], bounds[0], bounds[1])
 
-    def observe(self, loss_now: torch.Tensor, g_ok: torch.Tensor, base: float, factor: float,
+    def observe(self, loss_now: torch.Tensor, g_ok: torch.Tensor, base, factor: float,
                 bounds: tuple[float, float], window: int) -> None:
         """:meth:`_Ratio.observe` and ``KWNG._adapt`` on the device: the ratio of ``loss_now`` joins the
         window where it is defined (and ``g`` finite: a skipped step changes nothing); a full window
-        moves ``ε``."""
+        moves ``ε``. ``base`` (the schedule's ``ε``) is a float or a 0-d tensor. In place."""
         v = self.values
         r = 2.0 * (v[PREV_LOSS] - loss_now) / (v[PREV_LR] * v[PREV_GW])
         valid = g_ok & (v[PREV_GW] > 0) & (v[PREV_LR] > 0) & torch.isfinite(r)  # NaN (None) fails
@@ -186,21 +186,23 @@ class DeviceState:
         eps = self.eps(base, bounds)
         moved = torch.where(r_max < 0.25, eps / factor, torch.where(r_max > 0.75, eps * factor, eps))
         scale = torch.clamp(moved, bounds[0], bounds[1]) / base
-        self.values = torch.cat([v[:R_MAX], torch.stack([
-            torch.where(close, -math.inf, r_max), torch.where(close, 0.0, count),
-            torch.where(close, scale, v[EPS_SCALE])]), v[FALLBACKS:]])
+        v[R_MAX:FALLBACKS] = torch.stack([torch.where(close, -math.inf, r_max),
+                                          torch.where(close, 0.0, count),
+                                          torch.where(close, scale, v[EPS_SCALE])])
 
-    def record(self, loss_now: torch.Tensor | None, gw: torch.Tensor, lr: float | None,
-               g_ok: torch.Tensor, fell_back: torch.Tensor) -> None:
-        """:meth:`_Ratio.record` and the counters, where ``g`` was finite; else one more skipped step."""
+    def record(self, loss_now: torch.Tensor | None, gw: torch.Tensor, lr, g_ok: torch.Tensor,
+               fell_back: torch.Tensor) -> None:
+        """:meth:`_Ratio.record` and the counters, where ``g`` was finite; else one more skipped step.
+        ``lr`` is a float, ``None`` or a 0-d tensor (NaN for none). In place."""
         v = self.values
         def filled(x):  # a fill on the device, not a copy of a host number (that waits for the queue)
             return torch.full((), x, dtype=v.dtype, device=v.device)
+        if not isinstance(lr, torch.Tensor):
+            lr = filled(math.nan if lr is None else float(lr))
         new = torch.stack([filled(math.nan) if loss_now is None else loss_now.to(v.dtype),
-                           gw.to(v.dtype), filled(math.nan if lr is None else float(lr))])
-        kept = torch.where(g_ok, new, v[:R_MAX])
-        counts = v[FALLBACKS:] + torch.stack([g_ok & (fell_back > 0), ~g_ok]).to(v.dtype)
-        self.values = torch.cat([kept, v[R_MAX:FALLBACKS], counts])
+                           gw.to(v.dtype), lr.to(v.dtype)])
+        v[:R_MAX] = torch.where(g_ok, new, v[:R_MAX])
+        v[FALLBACKS:] += torch.stack([g_ok & (fell_back > 0), ~g_ok]).to(v.dtype)
 
     def read(self) -> tuple[_Ratio, float, int, int]:
         """The ratio rule's memory, ``ε``'s factor, and the fallbacks and skipped steps counted here

@@ -48,13 +48,14 @@ from ._direction import (
     fits,
     refreshed,
     refreshed_sync_free,
-    sync_free_direction,
+    sync_free_solver,
 )
 from ._dist import Comm, reduce_step
 from ._graphs import RowGraphs
 from ._options import Schedule, _check_schedule, _collect_params
 from ._state import _Draws, _Pending, _Ratio, _Reduced, _Refresh, with_device_bandwidth
 from ._syncfree import DeviceState
+from ._tail import TailGraphs, step_tail
 
 __all__ = ["KWNG"]
 
@@ -236,6 +237,7 @@ class KWNG(_Capture):
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be a bool; got {type(cuda_graphs).__name__}")
         self._graphs = RowGraphs() if cuda_graphs else None
+        self._tails = TailGraphs() if cuda_graphs else None  # sync_free's steps between refreshes
         self.sync_free = _check_sync_free(self, sync_free)
         self._dev: DeviceState | None = None  # sync_free: the ratio rule, ε's factor and counters
         self._draws = _Draws(generator)
@@ -408,7 +410,8 @@ class KWNG(_Capture):
     def _step_sync_free(self, pend: _Pending) -> bool:
         """:meth:`step` reading nothing back (``sync_free``): the same direction from the Cholesky
         factorisations, the fallback, clipping, the half-precision fit and the ratio rule decided on
-        the device; a non-finite ``g`` writes zeros."""
+        the device (:func:`~._tail.step_tail`, replayed from a CUDA graph at the steps that reuse a
+        cached solver); a non-finite ``g`` writes zeros."""
         params = [self._params[i] for i in pend.active]
         present = [j for j, p in enumerate(params) if p.grad is not None]
         if not present:
@@ -416,34 +419,33 @@ class KWNG(_Capture):
         g = self._gradient(pend, params, present)
         if self._dev is None:
             self._dev = DeviceState(self._ratio, self._eps_scale, g.device)
-        dev, g_ok = self._dev, torch.isfinite(g).all()
         loss_now = pend.loss_sum if pend.loss_count == self.accumulation_steps and pend.loss_count else None
         lr, base = self._current_lr(), self._value(self.eps, "eps", True)
-        if self.adaptive_eps and loss_now is not None:
-            if lr is None and not self._warned_lr:
-                self._warned_lr = True
-                warnings.warn("KWNG: adaptive_eps needs the learning rate (pass lr= or optimizer=); "
-                              "eps stays fixed", UserWarning, stacklevel=3)
-            dev.observe(loss_now, g_ok, base, self.eps_factor, self.eps_bounds, self.window)
+        adapt = self.adaptive_eps and loss_now is not None
+        if adapt and lr is None and not self._warned_lr:
+            self._warned_lr = True
+            warnings.warn("KWNG: adaptive_eps needs the learning rate (pass lr= or optimizer=); "
+                          "eps stays fixed", UserWarning, stacklevel=3)
         cache = self._cache
         if pend.refresh:
-            if self._value(self.lam, "lam", False) > 0:
-                raise ValueError("sync_free=True needs lam = 0 (the lam schedule gave "
-                                 f"{self._value(self.lam, 'lam', False)!r} at step {self._step})")
+            lam = self._value(self.lam, "lam", False)
+            if lam > 0:
+                raise ValueError(f"sync_free=True needs lam = 0 (the lam schedule gave {lam!r} at step "
+                                 f"{self._step})")
             cache = refreshed_sync_free(pend, self.damping, self.damping_floor, self._step)
-        w = sync_free_direction(cache, g, params, present, dev.eps(base, self.eps_bounds))
+        solver, cached = sync_free_solver(cache, g, params, present)
         clip = self._value(self.clip_norm, "clip_norm", True)
-        out, stats = decided_direction(g if w is None else w, g, clip)
-        fell, gw = (torch.ones_like(stats[0]) if w is None else stats[0]), stats[1]
         grads = [params[j].grad for j in present]
-        if not fits(out, grads, read=False):  # too long for a half-precision .grad: g, decided on the device
-            limit = min(torch.finfo(p.dtype).max for p in grads)
-            long = torch.amax(torch.abs(out)) > limit
-            g_out, g_stats = decided_direction(g, g, clip)
-            out, fell, gw = (torch.where(long, g_out, out), torch.where(long, 1.0, fell),
-                             torch.where(long, g_stats[1], gw))
-        _write(torch.where(g_ok, out, 0.0), grads)
-        dev.record(loss_now, gw, lr, g_ok, fell)
+        limit = min(torch.finfo(p.dtype).max for p in grads)
+        options = dict(adapt=adapt, clip_on=clip is not None, factor=self.eps_factor, bounds=self.eps_bounds,
+                       window=self.window, limit=None if limit >= torch.finfo(g.dtype).max else float(limit))
+        scal = (base, math.nan if lr is None else float(lr), 1.0 if clip is None else float(clip))
+        if cached and not pend.refresh and self._tails is not None and g.device.type == "cuda" \
+                and not torch.cuda.is_current_stream_capturing():
+            out = self._tails(g, loss_now, scal, solver, self._dev, **options)
+        else:
+            out = step_tail(g, loss_now, scal, solver, self._dev, **options)
+        _write(out, grads)
         self._cache = cache
         self._step += 1
         return True
