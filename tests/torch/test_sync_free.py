@@ -442,3 +442,28 @@ def test_cuda_graphs_replay_the_eager_steps_between_refreshes():
     np.testing.assert_allclose(e1, e0, rtol=1e-12)
     for a, b in zip(d0, d1, strict=True):
         assert rel_err(to_np(b), to_np(a)) < 1e-6
+
+
+@pytest.mark.parametrize("rel", [1e-3, 1e-5, 1e-7, 0.0])
+def test_nearly_dependent_rows_keep_the_direction_accurate(rel):
+    """float32 ``T̃`` with two rows equal up to ``rel`` (``S`` nearly or exactly rank-deficient): the
+    Cholesky passes' direction is within float32's reach of the float64 one, as the default's is."""
+    from array_api_compat import array_namespace
+
+    from wngkernels import solve_whitened
+    from wngkernels.torch._syncfree import factorize
+
+    rng = np.random.default_rng(0)
+    q, m = 20000, 5
+    scale = np.logspace(0, -3, q)[None, :]
+    base = rng.standard_normal((m, q)) * scale
+    base[4] = base[3] + rel * rng.standard_normal(q) * scale[0]
+    tw64 = torch.as_tensor(base)
+    dmp = 1.0 / (tw64.norm(dim=0) + 1e-8)
+    # a gradient mostly in the rows' span, where an inexact basis would show most
+    g = torch.as_tensor(rng.standard_normal(q)) * 1e-3 + tw64.T @ torch.as_tensor(rng.standard_normal(m)) * 10
+    truth = solve_whitened(tw64, g, eps=1e-5, damping=dmp)
+    tw, g32 = tw64.float(), g.float()
+    default = solve_whitened(tw, g32, eps=1e-5, damping=dmp.float())
+    free = factorize(tw, dmp.float())._solve(array_namespace(g32), g32, 1e-5, False)
+    assert rel_err(to_np(free), to_np(truth)) < max(1e-3, 3 * rel_err(to_np(default), to_np(truth)))

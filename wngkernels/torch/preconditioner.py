@@ -140,10 +140,12 @@ class KWNG(_Capture):
         refresh on an H100 machine, the same numbers bit for bit. Used where the outputs are on a
         CUDA device, in one process, with one micro-batch per step and the
         :class:`~wngkernels.AuthorsRule` or a fixed bandwidth; ``False`` launches the operations one by one.
+        With ``sync_free``, the steps that reuse a cached solver (``refresh_every > 1``) also replay
+        everything after ``g`` from a graph (captured anew at the first reuse of each refresh).
     sync_free : bool
         A step that never reads the device, so that the host is never made to wait for the GPU
-        (about 0.77× the time of the authors' recipe on the seed's ResNet-18 on an H100, against
-        0.9× with the reads; ``docs/benchmarks.md``). The same estimator with three changes:
+        (0.71–0.78× the time of the authors' recipe on the seed's ResNet-18 on an H100, against
+        0.90–0.96× with the reads; ``docs/benchmarks.md``). The same estimator with three changes:
 
         - the ``M × M`` eigen-decompositions become Cholesky factors: the whitening takes
           :math:`(CC^\top + \delta I)^{-1}` with ``δ = M·eps`` of the work dtype relative to
