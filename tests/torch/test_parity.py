@@ -40,9 +40,9 @@ def _cross_entropy(model, out, x, y):
     return F.cross_entropy(out, y)
 
 
-def _kwng_direction(model, params, x, y, loss_fn, basis):
+def _kwng_direction(model, params, x, y, loss_fn, basis, sync_free=False):
     """``.grad`` after one ``precondition`` with this basis (no clipping, fixed ε)."""
-    kwng = KWNG(params, num_basis=M, eps=EPS, adaptive_eps=False, clip_norm=None, lr=1.0)
+    kwng = KWNG(params, num_basis=M, eps=EPS, adaptive_eps=False, clip_norm=None, lr=1.0, sync_free=sync_free)
     for p in model.parameters():
         p.grad = None
     out = model(x)
@@ -61,15 +61,16 @@ def _authors_direction(model, params, x, y, loss_fn, basis):
     return authors.direction(_flat(g), samples.numpy(), jac.numpy(), basis.indices, basis.dims, EPS)
 
 
+@pytest.mark.parametrize("sync_free", [False, True], ids=["default", "sync_free"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_direction_matches_the_authors_formula_on_an_ill_conditioned_net(dtype):
+def test_direction_matches_the_authors_formula_on_an_ill_conditioned_net(dtype, sync_free):
     torch.manual_seed(0)
     model = authors.IllConditionedNet(CLASSES).to(dtype).train()
     params = list(model.parameters())
     cosines = []
     for i, (x, y) in enumerate(authors.digits_batches(BATCH, 8, seed=1, dtype=dtype)):
         basis = nystrom_basis((BATCH, CLASSES), M, rng=i)
-        ours = _kwng_direction(model, params, x, y, _cross_entropy, basis)
+        ours = _kwng_direction(model, params, x, y, _cross_entropy, basis, sync_free)
         ref = _authors_direction(model, params, x, y, _cross_entropy, basis)
         cosines.append(_cos(ours, ref))
     assert np.median(cosines) >= 0.999, cosines
@@ -100,8 +101,9 @@ def _loss(model: WithAuxiliary, out, x, y):
     return torch.exp(-model.log_weight) * main + model.log_weight + 0.5 * aux
 
 
+@pytest.mark.parametrize("sync_free", [False, True], ids=["default", "sync_free"])
 @pytest.mark.parametrize("kind", ["aux_head", "loss_weight"])
-def test_a_parameter_the_outputs_do_not_see_neither_takes_over_nor_freezes(kind):
+def test_a_parameter_the_outputs_do_not_see_neither_takes_over_nor_freezes(kind, sync_free):
     """The rule of ``WhitenedSolver``: excluded from the solve, then ``w_U = ρ g_U``, share <= 1/2."""
     torch.manual_seed(0)
     model = WithAuxiliary().train()
@@ -112,12 +114,12 @@ def test_a_parameter_the_outputs_do_not_see_neither_takes_over_nor_freezes(kind)
     shares, cosines, parity = [], [], []
     for i, (x, y) in enumerate(authors.digits_batches(BATCH, 8, seed=2)):
         basis = nystrom_basis((BATCH, CLASSES), M, rng=i)
-        w = _kwng_direction(model, params, x, y, _loss, basis)
+        w = _kwng_direction(model, params, x, y, _loss, basis, sync_free)
         w_seen, w_unseen = w[:q_seen], w[q_seen:]
         # the same step with the unseen parameters frozen
         for p in unseen:
             p.requires_grad_(False)
-        frozen = _kwng_direction(model, seen, x, y, _loss, basis)
+        frozen = _kwng_direction(model, seen, x, y, _loss, basis, sync_free)
         for p in unseen:
             p.requires_grad_(True)
         cosines.append(_cos(w_seen, frozen))
