@@ -47,10 +47,14 @@ def fits(w: torch.Tensor, grads: list[torch.Tensor], read: bool = True) -> bool:
     """Whether ``w``'s entries fit the narrowest ``.grad`` dtype (float16's 65504). Reads the
     device (one scalar) only where a gradient is narrower than ``w``; with ``read=False`` such a
     ``w`` counts as not fitting."""
+    limit = grad_limit(grads, w.dtype)
+    return limit is None or (read and float(w.abs().max()) <= limit)
+
+
+def grad_limit(grads: list[torch.Tensor], dtype: torch.dtype) -> float | None:
+    """The narrowest ``.grad`` dtype's largest number where it is below ``dtype``'s, else ``None``."""
     limit = min(torch.finfo(p.dtype).max for p in grads)
-    if limit >= torch.finfo(w.dtype).max:
-        return True
-    return read and float(w.abs().max()) <= limit
+    return None if limit >= torch.finfo(dtype).max else float(limit)
 
 
 def dot_and_norm(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -69,10 +73,7 @@ def refreshed(cc, t, pend: _Pending, scale: float, *, lam: float, damping: str, 
         cc, pend, lam, lambda k: whiten(cc, t, k=k, lam=lam, scale=scale))  # its first read: max |C Cᵀ|
     if not usable:
         return None
-    if damping != "jacobian":
-        return _Refresh(t_white, None, pend.active, step)
-    dmp, bound = jacobian_damping(t_white, floor)
-    return _Refresh(t_white, dmp, pend.active, step, s_bound=bound)
+    return _with_damping(t_white, pend, damping, floor, step)
 
 
 def refreshed_sync_free(pend: _Pending, damping: str, floor: float, step: int) -> _Refresh:
@@ -83,9 +84,15 @@ def refreshed_sync_free(pend: _Pending, damping: str, floor: float, step: int) -
     if not pend.whitened:
         scale = 1.0 / (pend.factor * pend.n)
         t_white = whitening_factor(pend.cc64 / pend.n, pend.t.dtype, scale) @ pend.t
+    return _with_damping(t_white, pend, damping, floor, step, read_free=True)
+
+
+def _with_damping(t_white, pend: _Pending, damping: str, floor: float, step: int,
+                  read_free: bool = False) -> _Refresh:
+    """The refresh of ``T̃``: with ``D`` (:func:`jacobian_damping`) for ``damping="jacobian"``."""
     if damping != "jacobian":
         return _Refresh(t_white, None, pend.active, step)
-    dmp, bound = jacobian_damping(t_white, floor, read_free=True)
+    dmp, bound = jacobian_damping(t_white, floor, read_free=read_free)
     return _Refresh(t_white, dmp, pend.active, step, s_bound=bound)
 
 

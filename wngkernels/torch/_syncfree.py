@@ -168,6 +168,13 @@ class DeviceState:
             host = host.pin_memory()
         self.values = host.to(device, non_blocking=True)
 
+    @classmethod
+    def wrapping(cls, values: torch.Tensor) -> DeviceState:
+        """A state whose vector is ``values`` itself (a CUDA graph's buffer, or a scratch copy)."""
+        state = cls.__new__(cls)
+        state.values = values
+        return state
+
     def eps(self, base, bounds: tuple[float, float]) -> torch.Tensor:
         """``ε`` for this step (0-d float64): ``base`` times the adapted factor, within ``bounds``."""
         return torch.clamp(base * self.values[EPS_SCALE], bounds[0], bounds[1])

@@ -115,8 +115,7 @@ class _Entry:
         try:  # warm-up off the graph (cuBLAS and cuSOLVER workspaces), on a copy of the state
             self.stream.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(self.stream):
-                scratch = object.__new__(DeviceState)
-                scratch.values = self.values.clone()
+                scratch = DeviceState.wrapping(self.values.clone())
                 step_tail(self.g, self.loss, tuple(self.scal), solver, scratch, **options)
             torch.cuda.current_stream(dev).wait_stream(self.stream)
         except Exception:  # noqa: BLE001 - the eager path for good
@@ -125,8 +124,7 @@ class _Entry:
     def capture(self, solver: CholeskySolver) -> None:
         """A graph of :func:`step_tail` with ``solver`` (the previous one, and its memory, freed first)."""
         self.graph = self.out = self.solver = None
-        graph, shell = torch.cuda.CUDAGraph(), object.__new__(DeviceState)
-        shell.values = self.values
+        graph, shell = torch.cuda.CUDAGraph(), DeviceState.wrapping(self.values)
         try:
             with torch.cuda.stream(self.stream):
                 graph.capture_begin()

@@ -46,6 +46,7 @@ from ._direction import (
     cached_direction,
     decided_direction,
     fits,
+    grad_limit,
     refreshed,
     refreshed_sync_free,
     sync_free_solver,
@@ -364,12 +365,12 @@ class KWNG(_Capture):
         if pend.count < self.accumulation_steps:
             return False
         self._pending = None
-        if self.sync_free:
-            return self._step_sync_free(pend)
         self._unscale()
         params = [self._params[i] for i in pend.active]
         present = [j for j, p in enumerate(params) if p.grad is not None]
         g = self._gradient(pend, params, present)
+        if self.sync_free:
+            return self._step_sync_free(pend, params, present, g)
         # where ε cannot move at this step, the direction comes first and one read serves the step
         ahead = self._ahead(pend, present)
         grads = [params[j].grad for j in present]
@@ -409,16 +410,13 @@ class KWNG(_Capture):
         self._step += 1
         return True
 
-    def _step_sync_free(self, pend: _Pending) -> bool:
+    def _step_sync_free(self, pend: _Pending, params, present, g) -> bool:
         """:meth:`step` reading nothing back (``sync_free``): the same direction from the Cholesky
         factorisations, the fallback, clipping, the half-precision fit and the ratio rule decided on
         the device (:func:`~._tail.step_tail`, replayed from a CUDA graph at the steps that reuse a
         cached solver); a non-finite ``g`` writes zeros."""
-        params = [self._params[i] for i in pend.active]
-        present = [j for j, p in enumerate(params) if p.grad is not None]
         if not present:
             return False
-        g = self._gradient(pend, params, present)
         if self._dev is None:
             self._dev = DeviceState(self._ratio, self._eps_scale, g.device)
         loss_now = pend.loss_sum if pend.loss_count == self.accumulation_steps and pend.loss_count else None
@@ -438,9 +436,8 @@ class KWNG(_Capture):
         solver, cached = sync_free_solver(cache, g, params, present)
         clip = self._value(self.clip_norm, "clip_norm", True)
         grads = [params[j].grad for j in present]
-        limit = min(torch.finfo(p.dtype).max for p in grads)
         options = dict(adapt=adapt, clip_on=clip is not None, factor=self.eps_factor, bounds=self.eps_bounds,
-                       window=self.window, limit=None if limit >= torch.finfo(g.dtype).max else float(limit))
+                       window=self.window, limit=grad_limit(grads, g.dtype))
         scal = (base, math.nan if lr is None else float(lr), 1.0 if clip is None else float(clip))
         if cached and not pend.refresh and self._tails is not None and g.device.type == "cuda" \
                 and not torch.cuda.is_current_stream_capturing():
